@@ -1,0 +1,573 @@
+"""The mixed reward of VLAA-Thinker (paper section 3, "perception + cognition"): one verifier per task.
+
+Each sample is scored by exactly ONE verifier picked by its task; every reward lies in [0, 1];
+rewards are never summed or weighted across kinds, and the thinking text is never rewarded.
+
+    kind    verifier                                   sources (id prefix in VLAA-Thinking)
+    ------  -----------------------------------------  -------------------------------------
+    digit   the one number in the answer == gt, 1/0    clevr_math (CLEVR-Math)
+    mcq     option letter == gt letter, 1/0            geoqa170k, arxivqa
+    math    Math-Verify: verify(parse(gt), parse(y))   synthesis (Math PUMA)
+    iou     IoU of [x1, y1, x2, y2] boxes, continuous  coco, vg (LLaVA-CoT grounding)
+    open    1 - exp(-beta (S(y) - S(ref))) if > 0      docvqa, vizwiz, allava (reward model S)
+
+The format reward is implicit (no additive term): a response scores 0 unless it is
+`<think> ... </think>` then exactly one non-empty `<answer> ... </answer>`, with only
+whitespace around them (a trailing `<|im_end|>` / `<|endoftext|>` is tolerated). Only the
+stripped text inside `<answer>` reaches the verifier.
+
+    reward(response, gt, kind, **context)                  one response
+    reward_batch(responses, gts, kinds, contexts, scorer)  one rollout step (math on a process pool)
+
+Importing this module does not import torch; the reward-model scorer loads it when built.
+"""
+import atexit
+import json
+import math
+import os
+import re
+import select
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from decimal import Decimal
+
+KINDS = ("digit", "mcq", "math", "iou", "open")
+# not in the paper: beta. IXC-2.5-Reward scores are raw logits; its model card scores a good and a
+# poor answer to one question 5.76 and -2.84 (gap 8.6). With beta = 0.5 that gap gives 0.99, a
+# 1-point gain 0.39 and a 2-point gain 0.63, so rewards spread over the gaps sampled answers show;
+# beta = 1 would already be 0.95 at 3 points and make most better answers look alike.
+OPEN_BETA = 0.5
+MATH_TIMEOUT_S = 5.0                      # our own bound per math answer (Math-Verify's is off)
+MATH_WORKERS = min(2, os.cpu_count() or 1)  # read when the pool starts; close() to change it
+MATH_MAX_CHARS = 20_000  # not in the paper: a longer math answer scores 0 without being parsed
+_WORKER_MEMORY = 4 << 30  # not in the paper: a runaway sympy hits MemoryError, not the swap
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ----------------------------------------------------------------------------- the format gate
+
+def extract_answer(response):
+    """The stripped content of the `<answer>` block when there is exactly one, else None.
+
+    This is the authors' evaluation rule (their wrapper then falls back to the whole text).
+    >>> extract_answer("<think>2+1</think> <answer> 3 </answer>")
+    '3'
+    >>> extract_answer("<answer>3</answer><answer>4</answer>") is None
+    True
+    """
+    if not isinstance(response, str) or response.count("<answer>") != 1 or response.count("</answer>") != 1:
+        return None
+    start, end = response.index("<answer>") + len("<answer>"), response.index("</answer>")
+    return response[start:end].strip() if start <= end else None
+
+
+def is_well_formed(response):
+    """True for `<think> ... </think> <answer> ... </answer>`, nothing but whitespace around.
+
+    >>> is_well_formed("<think>count</think>\\n<answer>3</answer><|im_end|>")
+    True
+    >>> is_well_formed("<think>count</think> so <answer>3</answer>"), is_well_formed("<answer>3</answer>")
+    (False, False)
+    >>> is_well_formed("<think>a</think><answer> </answer>")   # the answer must not be empty
+    False
+    """
+    if not isinstance(response, str):
+        return False
+    text = response.strip()
+    for _ in range(2):  # tolerate up to two end-of-turn tokens, e.g. "<|im_end|>\n<|endoftext|>"
+        for token in ("<|im_end|>", "<|endoftext|>"):
+            if text.endswith(token):
+                text = text[: -len(token)].rstrip()
+    if any(text.count(tag) != 1 for tag in ("<think>", "</think>", "<answer>", "</answer>")):
+        return False  # missing, repeated or nested tags
+    think_end, answer_start = text.index("</think>"), text.index("<answer>")
+    return (text.startswith("<think>") and text.endswith("</answer>") and think_end < answer_start
+            and not text[think_end + len("</think>"):answer_start].strip()
+            and bool(text[answer_start + len("<answer>"):-len("</answer>")].strip()))
+
+# ----------------------------------------------------------------------------- rule-based verifiers
+
+_NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+                 "fourteen fifteen sixteen seventeen eighteen nineteen twenty").split()
+_DIGIT_TOKEN = re.compile(r"-?[0-9]+(?:\.[0-9]+)?|\b(?:%s)\b" % "|".join(_NUMBER_WORDS), re.IGNORECASE)
+_BOXED = re.compile(r"\\boxed\s*\{([^{}]*)\}")
+
+
+def _as_text(x):
+    """A ground truth as text: lists are joined (a one-item list is its item)."""
+    return " ".join(map(str, x)) if isinstance(x, (list, tuple)) else str(x)
+
+
+def _unbox(text):
+    """Only the content of `\\boxed{...}` when there is exactly one; else every box unwrapped."""
+    boxes = _BOXED.findall(text)
+    return boxes[0] if len(boxes) == 1 else _BOXED.sub(r"\1", text)
+
+
+def _the_number(text):
+    """The one number (digits or zero..twenty in words) in `text`, or None if there are 0 or 2+.
+
+    not in the paper: a number repeated ("3 (three)") counts once.
+    """
+    values = set()
+    for token in _DIGIT_TOKEN.findall(_unbox(text).strip().rstrip(".")):
+        word = token.lower()
+        values.add(Decimal(_NUMBER_WORDS.index(word)) if word in _NUMBER_WORDS else Decimal(token))
+        if len(values) > 1:
+            return None
+    return values.pop() if values else None
+
+
+def digit_reward(pred, gt):
+    """1.0 if the answer holds exactly one number and it equals the ground truth, else 0.0.
+
+    Whitespace, a trailing period, \\boxed{...} and the words zero..twenty are normalised; the
+    same number said twice counts once; numbers with thousands separators are not supported.
+    >>> [digit_reward(a, 3) for a in ["3", " 3. ", "\\\\boxed{3}", "Three", "There are 3 cubes."]]
+    [1.0, 1.0, 1.0, 1.0, 1.0]
+    >>> [digit_reward(a, "3") for a in ["4", "2 or 3", "5 - 2 = 3", "three cubes", ""]]
+    [0.0, 0.0, 0.0, 1.0, 0.0]
+    """
+    if pred is None:
+        return 0.0
+    p, g = _the_number(str(pred)), _the_number(_as_text(gt))
+    return float(p is not None and p == g)
+
+
+# not in the paper (it says only "option-letter match"): which answer forms count, and the two-letter rule
+_MCQ_PREFIX = re.compile(r"^(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|choice)\b\s*(?:is\b)?\s*[:\-]?\s*",
+                         re.I)  # "The answer is", "Option", "Answer:"
+_MCQ_ALONE = re.compile(r"\(?([a-z])\)?[.:)]?", re.I)                 # C  (C)  C)  C.  C:
+_MCQ_LEAD = re.compile(r"(?:\(([a-z])\)|([a-z])[.:)])\s", re.I)       # "C: 27°"  "(C) 27°"  "C. text"
+_MCQ_MARKED = re.compile(r"\(([A-Z])\)|(?<![\w\\(])([A-Z])\)|\b[Oo]ption\s*\(?([A-Za-z])\b")
+_MCQ_BARE = re.compile(r"(?<![\w\\])([A-HJ-Z])(?!\w)")  # a lone capital; "I" is the pronoun
+
+
+def _option_letter(text):
+    """The single option letter `text` names, upper-cased, or None (no letter, or two of them)."""
+    s = " ".join(_unbox(text).replace("$", "").replace("*", "").split()).rstrip(".").strip()
+    s = _MCQ_PREFIX.sub("", s, count=1)
+    if m := _MCQ_ALONE.fullmatch(s):
+        return m.group(1).upper()
+    if m := _MCQ_LEAD.match(s + " "):  # a leading label: only other *marked* labels conflict
+        lead = (m.group(1) or m.group(2)).upper()
+        others = {x.upper() for g in _MCQ_MARKED.findall(s[m.end():]) for x in g if x}
+        return lead if others <= {lead} else None
+    letters = {x.upper() for g in _MCQ_MARKED.findall(s) for x in g if x} | set(_MCQ_BARE.findall(s))
+    return letters.pop() if len(letters) == 1 else None
+
+
+def mcq_reward(pred, gt):
+    """1.0 if the answer names the ground truth's option letter (case-insensitive), else 0.0.
+
+    >>> [mcq_reward(a, "C") for a in ["C", "(c)", "C)", "C.", "C: 27°", "Option C", "\\\\boxed{C}"]]
+    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    >>> [mcq_reward("C", g) for g in ["C)", "(c)", "C: 27°"]], mcq_reward("The answer is C.", "C")
+    ([1.0, 1.0, 1.0], 1.0)
+    >>> [mcq_reward(a, "C") for a in ["B", "B or C", "(A) and (C)", "27°", ""]]  # two letters: 0
+    [0.0, 0.0, 0.0, 0.0, 0.0]
+    """
+    if pred is None:
+        return 0.0
+    p, g = _option_letter(str(pred)), _option_letter(_as_text(gt))
+    return float(p is not None and p == g)
+
+
+_NUMBER = re.compile(r"(?<![A-Za-z_])[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+def _box(x):
+    """Four floats from a list, or from the numbers in a string ("[1, 2, 3, 4]", "(1,2),(3,4)")."""
+    try:
+        values = x if isinstance(x, (list, tuple)) else _NUMBER.findall(str(x)[:10_000])
+        box = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+    return box if len(box) == 4 and all(map(math.isfinite, box)) else None
+
+
+def _to_unit(box, image_size):
+    """Map a box into the normalised [0, 1] frame (see iou_reward for the rule)."""
+    if max(box) <= 1.0:
+        return box  # already normalised
+    if image_size is None:
+        return [v / 1000.0 for v in box]  # Qwen2-VL's 0-1000 grid
+    w, h = image_size  # Qwen2.5-VL: absolute pixels of the *resized* image the model saw
+    return [box[0] / w, box[1] / h, box[2] / w, box[3] / h]
+
+
+def iou_reward(pred, gt, image_size=None):
+    """The IoU in [0, 1] of two [x1, y1, x2, y2] boxes, no threshold (paper: continuous reward).
+
+    not in the paper (its example is normalised): each box is mapped to [0, 1] first. All four
+    values <= 1: normalised already. Otherwise absolute pixels when `image_size=(width, height)`
+    of the image the model saw is given (Qwen2.5-VL: 14 * grid_w, 14 * grid_h from
+    image_grid_thw), else the 0-1000 grid (Qwen2-VL). So a pixel ground truth must be in that
+    same resized image; better, normalise it when loading the data.
+    Inverted or empty boxes, NaN, or other than four numbers score 0.
+    >>> iou_reward("[0.1, 0.1, 0.5, 0.5]", [0.1, 0.1, 0.5, 0.5]), iou_reward("0 0 2 2", "1 0 3 2", (4, 4))
+    (1.0, 0.3333333333333333)
+    >>> iou_reward("(100,100),(500,500)", [0.1, 0.1, 0.5, 0.5])   # Qwen2-VL grid vs normalised
+    1.0
+    >>> iou_reward("[0.5, 0.5, 0.1, 0.9]", [0, 0, 1, 1]), iou_reward("[1, 2, 3]", [0, 0, 1, 1])
+    (0.0, 0.0)
+    """
+    a, b = _box(pred) if pred is not None else None, _box(gt)
+    if a is None or b is None or (image_size is not None and not all(v > 0 for v in image_size)):
+        return 0.0
+    (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = _to_unit(a, image_size), _to_unit(b, image_size)
+    if ax2 <= ax1 or ay2 <= ay1 or bx2 <= bx1 or by2 <= by1:
+        return 0.0  # degenerate or inverted
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    return min(1.0, max(0.0, inter / union)) if union > 0 else 0.0
+
+
+def open_ended_reward(score_pred, score_ref, beta=OPEN_BETA):
+    """Paper: R = 1 - exp(-beta * (S(y_hat) - S(y))) if S(y_hat) > S(y), else 0.
+
+    >>> open_ended_reward(2.0, 0.0, beta=0.5), open_ended_reward(0.0, 2.0), open_ended_reward(1.0, 1.0)
+    (0.6321205588285577, 0.0, 0.0)
+    """
+    gap = float(score_pred) - float(score_ref)
+    if not gap > 0:  # also NaN
+        return 0.0
+    r = 1.0 - math.exp(-beta * gap)
+    return min(1.0, max(0.0, r)) if math.isfinite(r) else 0.0
+
+# ----------------------------------------------------------------------------- math: Math-Verify in worker processes
+
+def _as_latex(text):
+    """Wrap bare LaTeX / expressions in $...$ so Math-Verify parses all of it, leave prose alone.
+
+    not in the paper: Math-Verify reads undelimited "2\\sqrt{3}" as 2, which would match a gold 2.
+    >>> _as_latex("2\\\\sqrt{3}"), _as_latex("The area is 12"), _as_latex("$x$")
+    ('$2\\\\sqrt{3}$', 'The area is 12', '$x$')
+    """
+    delimited = any(d in text for d in ("$", "\\(", "\\[", "\\boxed"))
+    prose = re.search(r"[A-Za-z]{3,}", re.sub(r"\\[A-Za-z]+", "", text))  # a word outside \commands
+    return text if delimited or prose else f"${text}$"
+
+
+def _math_worker():
+    """A worker's loop: reads one JSON [gold, pred] per line, writes "1" or "0" per line."""
+    import functools
+    import logging
+    import resource
+    logging.disable(logging.CRITICAL)  # Math-Verify warns on every call once its timeouts are off
+    resource.setrlimit(resource.RLIMIT_AS, (_WORKER_MEMORY, _WORKER_MEMORY))
+    from math_verify import parse, verify
+    out, sys.stdout = sys.stdout, sys.stderr  # stdout carries only our protocol
+    parse_text = functools.lru_cache(maxsize=4096)(lambda s: parse(_as_latex(s), parsing_timeout=None))
+    print("ready", file=out, flush=True)
+    for line in sys.stdin:
+        try:
+            gold, pred = json.loads(line)
+            ok = verify(parse_text(gold), parse_text(pred), timeout_seconds=None)  # gold first (paper)
+        except Exception:  # anything Math-Verify or sympy throws: the answer scores 0
+            ok = False
+        print("1" if ok else "0", file=out, flush=True)
+
+
+class MathPool:
+    """Worker processes running Math-Verify, each on one answer at a time under a deadline.
+
+    Math-Verify's own timeouts use signal.alarm, which fails outside the main thread, so they
+    are off; a worker past our deadline is killed and replaced, and that answer scores 0.
+    Workers are fresh interpreters (subprocess): like multiprocessing's "spawn" they are safe to
+    start from a parent holding OpenMP threads, and unlike "spawn" they do not re-run the
+    caller's __main__ (a training script) in every worker.
+    """
+
+    def __init__(self, workers=MATH_WORKERS):
+        self.procs = [self._launch() for _ in range(max(1, workers))]
+        for proc in self.procs:  # they import sympy in parallel; wait for each "ready"
+            self._wait_ready(proc)
+        self.lock = threading.Lock()  # map() may be called from several threads
+
+    @staticmethod
+    def _launch():
+        boot = f"import sys; sys.path.insert(0, {_HERE!r}); import rewards; rewards._math_worker()"
+        return subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, encoding="utf-8", start_new_session=True)  # no Ctrl-C tracebacks
+
+    @staticmethod
+    def _wait_ready(proc, timeout_s=120.0):
+        if not select.select([proc.stdout], [], [], timeout_s)[0] or proc.stdout.readline().strip() != "ready":
+            proc.kill()
+            raise RuntimeError("a Math-Verify worker failed to start; is math-verify installed?")
+
+    def _replace(self, w):
+        self.procs[w].kill()
+        self.procs[w].wait()
+        self.procs[w] = self._launch()
+        self._wait_ready(self.procs[w])
+
+    def map(self, pairs, timeout_s=MATH_TIMEOUT_S):
+        """[(gold, pred), ...] -> [1.0 or 0.0, ...], each answer bounded by `timeout_s` seconds."""
+        with self.lock:
+            scores, todo, busy = [0.0] * len(pairs), list(range(len(pairs)))[::-1], {}  # busy: w -> (i, deadline)
+            while todo or busy:
+                for w, proc in enumerate(self.procs):  # give each idle worker an answer
+                    if w not in busy and todo:
+                        i = todo.pop()
+                        try:
+                            proc.stdin.write(json.dumps(pairs[i]) + "\n")
+                            proc.stdin.flush()
+                            busy[w] = (i, time.monotonic() + timeout_s)
+                        except OSError:  # it died between two answers: replace it, retry the answer
+                            self._replace(w)
+                            todo.append(i)
+                if not busy:
+                    continue
+                wait = max(0.0, min(deadline for _, deadline in busy.values()) - time.monotonic())
+                readable = select.select([self.procs[w].stdout for w in busy], [], [], wait)[0]
+                for w, (i, deadline) in list(busy.items()):
+                    if self.procs[w].stdout in readable:
+                        line = self.procs[w].stdout.readline().strip()
+                        if line in ("0", "1"):
+                            scores[i] = float(line)
+                        else:  # it crashed on this answer (e.g. a C stack overflow): 0
+                            self._replace(w)
+                        del busy[w]
+                    elif time.monotonic() >= deadline:  # past our bound: kill it; scores[i] stays 0
+                        self._replace(w)
+                        del busy[w]
+            return scores
+
+    def close(self):
+        with self.lock:  # let a map() in flight finish
+            for proc in self.procs:
+                proc.kill()
+                proc.wait()
+                proc.stdin.close()
+                proc.stdout.close()
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _math_pool():
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = MathPool(MATH_WORKERS)
+        return _POOL
+
+
+@atexit.register
+def close():
+    """Stop the math workers (also runs at exit). The next math call starts a new pool."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None:
+            _POOL.close()
+            _POOL = None
+
+
+def _math_scores(pairs, timeout_s=None):
+    """Math-Verify scores for (gold, pred) pairs; duplicates are verified once, long answers not at all."""
+    unique = sorted({(g, p) for g, p in pairs if p is not None and len(p) <= MATH_MAX_CHARS})
+    scores = dict(zip(unique, _math_pool().map(unique, timeout_s or MATH_TIMEOUT_S))) if unique else {}
+    return [scores.get((g, p), 0.0) for g, p in pairs]
+
+
+def math_reward(pred, gt, timeout_s=None):
+    """1.0 if Math-Verify finds the answer equal to the ground truth, else 0.0 (also on error/timeout).
+
+    >>> [math_reward(a, "\\\\frac{1}{2}") for a in ["0.5", "1/2", "$\\\\frac{2}{4}$", "\\\\boxed{0.5}", "2", ""]]
+    [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    >>> math_reward("\\\\sqrt{12}", "2\\\\sqrt{3}"), math_reward("9^{9^{9^{9}}}", "2", timeout_s=1)  # too slow: 0
+    (1.0, 0.0)
+    """
+    if pred is None:
+        return 0.0
+    return _math_scores([(_as_text(gt), str(pred))], timeout_s)[0]
+
+# ----------------------------------------------------------------------------- open-ended: a reward model
+
+class RewardModelScorer:
+    """A reward model S(image, question, answer) -> float (higher is better); see load_scorer.
+
+    Backends: "internlm" is InternLM-XComposer2.5-Reward (image + text, through its own
+    get_scores); "seqcls" is any AutoModelForSequenceClassification reward model (text only,
+    through its chat template; the image is not seen). Paper: the reward model lives on the CPU
+    and visits the GPU only inside score(), leaving the policy the GPU memory the rest of a step.
+    """
+
+    def __init__(self, model, tokenizer, backend, device="cpu", batch_size=8, max_length=4096, hd_num=9):
+        self.model, self.tokenizer, self.backend, self.device = model.eval(), tokenizer, backend, device
+        self.batch_size, self.max_length, self.hd_num = batch_size, max_length, hd_num
+        if backend == "seqcls":
+            tokenizer.padding_side = "right"  # left padding would shift positions: batch != one by one
+
+    def score(self, images, questions, answers):
+        """One float per (image, question, answer); an image is a PIL image, a path, or None."""
+        import torch
+        batch_scores = self._internlm if self.backend == "internlm" else self._seqcls
+        scores = []
+        self.model.to(self.device)
+        try:
+            with torch.no_grad():
+                for s in range(0, len(answers), self.batch_size):
+                    chunk = slice(s, s + self.batch_size)
+                    scores += batch_scores(list(images[chunk]), list(questions[chunk]), list(answers[chunk]))
+        finally:
+            if str(self.device) != "cpu":
+                self.model.to("cpu")  # back to the CPU until the next rollout step
+                if str(self.device).startswith("cuda"):
+                    torch.cuda.empty_cache()
+        return [float(x) for x in scores]
+
+    @staticmethod
+    def _chats(questions, answers):
+        return [[{"role": "user", "content": str(q)}, {"role": "assistant", "content": str(a)}]
+                for q, a in zip(questions, answers)]
+
+    def _seqcls(self, images, questions, answers):
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in self._chats(questions, answers)]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                               max_length=self.max_length, add_special_tokens=False).to(self.device)
+        return self.model(**batch).logits[:, 0].float().tolist()  # (B,) the scalar reward head
+
+    def _internlm(self, images, questions, answers):
+        import contextlib
+        import torch
+        with tempfile.TemporaryDirectory() as tmp:  # its get_scores reads images from file paths
+            paths = []
+            for k, image in enumerate(images):
+                if image is not None and not isinstance(image, str):
+                    image.save(os.path.join(tmp, f"{k}.png"))
+                    image = os.path.join(tmp, f"{k}.png")
+                paths.append([] if image is None else [image])
+            cuda = str(self.device).startswith("cuda")  # its model card scores under fp16 autocast
+            with torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext():
+                return list(self.model.get_scores(self._chats(questions, answers), paths, hd_num=self.hd_num))
+
+
+def _is_internlm_reward(name_or_path):
+    config = os.path.join(str(name_or_path), "config.json")
+    local = open(config).read() if os.path.isfile(config) else ""
+    return "xcomposer" in str(name_or_path).lower() or "InternLMXComposer" in local
+
+
+def load_scorer(name_or_path, trust_remote_code=False, device=None, dtype=None, batch_size=8, max_length=4096):
+    """Build the open-ended reward model: InternLM-XComposer2.5-Reward or any sequence classifier.
+
+    device: where score() runs (default: "cuda" when available); the model is kept on the CPU.
+    The paper's model, `internlm/internlm-xcomposer2d5-7b-reward`, runs code shipped with its
+    weights, so it loads only with trust_remote_code=True.
+    """
+    if _is_internlm_reward(name_or_path) and not trust_remote_code:
+        raise ValueError(f"{name_or_path} is InternLM-XComposer2.5-Reward, whose model code ships with its "
+                         "weights: pass trust_remote_code=True (after reading that code) to load it")
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if _is_internlm_reward(name_or_path):
+        model = AutoModel.from_pretrained(name_or_path, dtype=dtype or torch.float16, trust_remote_code=True)
+        model.tokenizer = tokenizer  # its get_scores reads the tokenizer from the model
+        return RewardModelScorer(model, tokenizer, "internlm", device, batch_size, max_length)
+    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=dtype,
+                                                               trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:  # the classifier finds each row's last token by it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return RewardModelScorer(model, tokenizer, "seqcls", device, batch_size, max_length)
+
+# ----------------------------------------------------------------------------- the mixed reward
+
+def reward(response, gt, kind, **context):
+    """One response's reward: 0 unless is_well_formed, else the `kind` verifier on its answer.
+
+    context: "iou" takes image_size=(width, height); "open" needs scorer= and takes image=,
+    question=, reference= (default: gt) and beta= (default OPEN_BETA).
+    >>> reward("<think>I count 3 cubes.</think> <answer>3</answer>", 3, "digit")
+    1.0
+    >>> reward("<answer>3</answer>", 3, "digit"), reward("<think>3?</think><answer>B</answer>", "A", "mcq")
+    (0.0, 0.0)
+    """
+    return reward_batch([response], [gt], [kind], [context], context.get("scorer"))[0]
+
+
+def reward_batch(responses, gts, kinds, contexts=None, scorer=None):
+    """Rewards for a rollout step: rule verifiers inline, math on the worker pool (each distinct
+    answer once), open-ended answers and their references through the scorer in one call.
+
+    Raises only on caller mistakes (an unknown kind, "open" without a scorer), never because of
+    what the model wrote.
+    >>> ok = "<think>...</think><answer>{}</answer>"
+    >>> reward_batch([ok.format(3), ok.format("B"), "3", ok.format("[0, 0, 1, 1]")], [3, "B", 3, [0, 0, 1, 1]],
+    ...              ["digit", "mcq", "digit", "iou"])
+    [1.0, 1.0, 0.0, 1.0]
+    """
+    contexts = [{}] * len(responses) if contexts is None else contexts
+    if not len(responses) == len(gts) == len(kinds) == len(contexts):
+        raise ValueError("responses, gts, kinds and contexts must have the same length")
+    for kind, ctx in zip(kinds, contexts):
+        if kind not in KINDS:
+            raise ValueError(f"unknown reward kind {kind!r}; expected one of {KINDS}")
+        if kind == "open" and (scorer or ctx.get("scorer")) is None:
+            raise ValueError('kind "open" needs a reward model: scorer=load_scorer(...)')
+    answers = [extract_answer(r) if is_well_formed(r) else None for r in responses]  # the format gate
+    rewards, math_items, open_items = [0.0] * len(responses), [], []
+    for i, (answer, gt, kind, ctx) in enumerate(zip(answers, gts, kinds, contexts)):
+        if answer is None:
+            continue  # implicit format reward: no valid answer, no reward
+        if kind == "digit":
+            rewards[i] = digit_reward(answer, gt)
+        elif kind == "mcq":
+            rewards[i] = mcq_reward(answer, gt)
+        elif kind == "iou":
+            rewards[i] = iou_reward(answer, gt, ctx.get("image_size"))
+        else:
+            (math_items if kind == "math" else open_items).append(i)
+    for i, r in zip(math_items, _math_scores([(_as_text(gts[i]), answers[i]) for i in math_items])):
+        rewards[i] = r
+    if open_items:
+        ctxs = [contexts[i] for i in open_items]
+        refs = [_as_text(c.get("reference", gts[i])) for c, i in zip(ctxs, open_items)]
+        refs = [extract_answer(r) or r for r in refs]  # an SFT-style reference: its answer block
+        images, questions = [c.get("image") for c in ctxs], [c.get("question", "") for c in ctxs]
+        scores = (scorer or ctxs[0]["scorer"]).score(images * 2, questions * 2, [answers[i] for i in open_items] + refs)
+        n = len(open_items)  # scores: (2n,) predictions first, then references
+        for j, (i, c) in enumerate(zip(open_items, ctxs)):
+            rewards[i] = open_ended_reward(scores[j], scores[n + j], c.get("beta", OPEN_BETA))
+    return rewards
+
+# ----------------------------------------------------------------------------- routing records to verifiers
+
+_VERIFIER_NAMES = {  # the three seen in GRPO-25K, plus the paper's names for the IoU and open-ended rewards
+    "digit": "digit", "mcq": "mcq", "multiple_choice": "mcq", "math": "math",
+    "iou": "iou", "bbox": "iou", "grounding": "iou",
+    "open": "open", "open_ended": "open", "openended": "open", "reward_model": "open",
+}
+_SOURCES = (("clevr_math", "digit"), ("geoqa170k", "mcq"), ("geoqa", "mcq"), ("arxivqa", "mcq"),
+            ("synthesis", "math"), ("coco", "iou"), ("vg", "iou"),
+            ("docvqa", "open"), ("vizwiz", "open"), ("allava", "open"))
+
+
+def verifier_for(record):
+    """The reward kind for a VLAA-Thinking record: its verifier_type, else its id's source prefix.
+
+    >>> verifier_for({"id": "synthesis-7", "verifier_type": "math"}), verifier_for({"id": "geoqa170k-12"})
+    ('math', 'mcq')
+    >>> verifier_for({"id": "allava_laion-3"}), verifier_for({"id": "vg-9", "verifier_type": "IoU"})
+    ('open', 'iou')
+    """
+    rid, vtype = record.get("id"), record.get("verifier_type")
+    if vtype:
+        name = re.sub(r"[\s\-]+", "_", str(vtype).strip().lower())
+        if name not in _VERIFIER_NAMES:
+            raise ValueError(f"record {rid!r}: unknown verifier_type {vtype!r}")
+        return _VERIFIER_NAMES[name]
+    source = re.split(r"[-/]", str(rid or "").strip().lstrip("/").lower())[0]
+    for prefix, kind in _SOURCES:
+        if source == prefix or source.startswith(prefix + "_"):
+            return kind
+    raise ValueError(f"record {rid!r}: no verifier for source {source!r} (and no verifier_type)")

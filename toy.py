@@ -1,0 +1,425 @@
+"""
+toy.py - the embedded offline default: a synthetic VLAA-style dataset and a tiny Qwen2.5-VL.
+
+Nothing can be downloaded in our CI and a reader's laptop has no GPU, so every stage
+defaults to `--model toy --data toy`, which resolve to what this file builds:
+
+  * a deterministic synthetic dataset in exactly the VLAA-Thinking schema (JSON Lines +
+    PNG files): grey 112x112 images with 1-5 coloured circles/squares/triangles, and
+    questions for every verifier kind of the paper's mixed reward
+        digit  "Subtract all red objects. How many objects are left?"  (CLEVR-Math style)
+        mcq    "What colour is the square? Choices: A. ..."             (GeoQA style)
+        math   "Let n be the number of objects. What is n/2?"           (Math PUMA style)
+        iou    "...bounding box of: the blue circle."                   (LLaVA-CoT grounding)
+        open   "Describe the image." + a reference description          (ALLaVA style)
+    with splits sft / rl / test, and SFT traces in two styles: "concise" reasoning and
+    R1-like "pseudo" reasoning (long, hesitant, "wait, let me double-check", sometimes a
+    wrong step first) - the thing the paper warns about;
+  * a tiny Qwen2.5-VL (or Qwen2-VL) built from a config with the stock transformers
+    classes and a byte-level BPE trained in-process on the toy's text (vocab 1024);
+  * the toy *policy*: that model briefly SFT-ed by sft.py on concise answers, so it
+    follows the <think>/<answer> template but is far from always right - the analogue
+    of the instruct checkpoint GRPO starts from.
+
+Everything is cached under $VLAA_TOY_DIR (default out/toy) and rebuilt when missing.
+    python toy.py            # build (or reuse) the toy data and policy, print a summary
+"""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+from PIL import Image, ImageDraw
+
+TOY_DIR = os.environ.get("VLAA_TOY_DIR", os.path.join("out", "toy"))
+VERSION = 1  # bump when the toy world or model changes; invalidates the cache
+
+IMAGE_SIZE = 112  # 112x112 -> 8x8 patches of 14 -> 16 image tokens after the 2x2 merge
+GRID = 4  # objects are placed on a 4x4 grid of cells, one vision token each
+# Draw on grey, not white: Qwen's patch embedding has no bias, so after CLIP normalisation
+# white patches all look alike (../shared/ENVIRONMENT.md, toy calibration).
+BACKGROUND = (123, 117, 104)
+COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30)}
+SHAPES = ("circle", "square", "triangle")
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five"]
+SPLIT_SIZES = {"sft": 4000, "rl": 4000, "test": 600}
+SPLIT_SEEDS = {"sft": 1, "rl": 2, "test": 3}
+# Source prefixes used by the real VLAA-Thinking ids, so rewards.verifier_for routes by id too.
+SOURCE = {"digit": "clevr_math", "mcq": "geoqa170k", "math": "synthesis", "iou": "coco", "open": "allava"}
+KIND_WEIGHTS = {"digit": 0.3, "mcq": 0.3, "math": 0.15, "iou": 0.15, "open": 0.1}
+
+
+# ----------------------------------------------------------------------------------------
+# The synthetic world: scenes, images, questions
+
+def random_scene(rng, size=IMAGE_SIZE):
+    """1-5 objects: [{"shape", "colour", "box": [x1, y1, x2, y2] in pixels}], left to right.
+
+    Objects sit in distinct cells of a 4x4 grid (28 px = one merged vision token of Qwen's
+    2x2 x 14 px patches), jittered inside their cell, so a 0.7 M-parameter model can learn
+    to see them in minutes on a CPU; boxes still differ from scene to scene."""
+    cell = size // GRID
+    objects = []
+    for c in rng.sample(range(GRID * GRID), rng.randint(1, 5)):
+        side = rng.randint(16, 22)
+        x1 = (c % GRID) * cell + rng.randint(1, cell - side - 1)
+        y1 = (c // GRID) * cell + rng.randint(1, cell - side - 1)
+        objects.append({"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)),
+                        "box": [x1, y1, x1 + side, y1 + side]})
+    return sorted(objects, key=lambda o: (o["box"][0], o["box"][1]))  # "leftmost" is objects[0]
+
+
+def draw_scene(objects, size=IMAGE_SIZE):
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for o in objects:
+        x1, y1, x2, y2 = o["box"]
+        fill = COLOURS[o["colour"]]
+        if o["shape"] == "circle":
+            draw.ellipse([x1, y1, x2, y2], fill=fill)
+        elif o["shape"] == "square":
+            draw.rectangle([x1, y1, x2, y2], fill=fill)
+        else:
+            draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=fill)
+    return image
+
+
+def describe(objects):
+    """'a red circle, a blue square and a green triangle' (left to right)."""
+    names = [f"a {o['colour']} {o['shape']}" for o in objects]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def where(box, size=IMAGE_SIZE):
+    """Coarse position of a box: 'top left', 'middle', 'bottom right', ..."""
+    cx, cy = (box[0] + box[2]) / 2 / size, (box[1] + box[3]) / 2 / size
+    row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "middle"
+    col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    return f"{row} {col}".strip() if (row, col) != ("middle", "") else "centre"
+
+
+def count_phrase(k, noun):
+    return f"there {'is' if k == 1 else 'are'} {k} {noun}{'' if k == 1 else 's'}"
+
+
+def make_task(rng, objects, kind):
+    """(question, gt, answer, reasoning) for one scene and verifier kind, or None when the
+    drawn question would be ambiguous for this scene (the caller draws again).
+
+    The reasoning is one or two short true sentences; both SFT trace styles are built on it."""
+    n = len(objects)
+    if kind == "digit":  # CLEVR-Math style counting, single-digit answers
+        form = rng.randrange(3)
+        if form == 0:
+            return "How many objects are there?", n, str(n), [f"I count them: {count_phrase(n, 'object')}."]
+        if form == 1:
+            colour = rng.choice(list(COLOURS))
+            k = sum(o["colour"] == colour for o in objects)
+            return (f"Subtract all {colour} objects. How many objects are left?", n - k, str(n - k),
+                    [f"{count_phrase(n, 'object').capitalize()} and {k} {'is' if k == 1 else 'are'} {colour}.",
+                     f"So {n} - {k} = {n - k}."])
+        shape = rng.choice(SHAPES)
+        k = sum(o["shape"] == shape for o in objects)
+        return f"How many {shape}s are there?", k, str(k), [f"I count them: {count_phrase(k, shape)}."]
+    if kind == "mcq":  # GeoQA style: options inline, the answer is a letter
+        form = rng.randrange(3)
+        if form == 0:
+            left = [o for o in objects if o["box"][0] // (IMAGE_SIZE // GRID) == objects[0]["box"][0] // (IMAGE_SIZE // GRID)]
+            if len(left) > 1:
+                return None  # two objects share the leftmost column: "leftmost" would be ambiguous
+            target, options = objects[0]["colour"], list(COLOURS)
+            question, fact = "What colour is the leftmost object?", f"The leftmost object is {target}."
+        elif form == 1:
+            o = rng.choice(objects)
+            if sum(p["colour"] == o["colour"] for p in objects) > 1:
+                return None  # "the red object" must name one object
+            target, options = o["shape"], list(SHAPES) + ["star"]
+            question, fact = f"What shape is the {o['colour']} object?", f"The {o['colour']} object is a {target}."
+        else:
+            others = [str(k) for k in range(1, 6) if k != n]
+            rng.shuffle(others)
+            target, options = str(n), others[:3] + [str(n)]
+            question, fact = "How many objects are in the image?", f"I count them: {count_phrase(n, 'object')}."
+        rng.shuffle(options)
+        letter = "ABCD"[options.index(target)]
+        choices = " ".join(f"{'ABCD'[i]}. {opt}" for i, opt in enumerate(options))
+        return f"{question}\nChoices: {choices}", letter, letter, [fact, f"That is option {letter}."]
+    if kind == "math":  # Math PUMA style: the number comes from the picture, Math-Verify checks it
+        value = f"\\frac{{{n}}}{{2}}" if n % 2 else str(n // 2)
+        return ("Let n be the number of objects in the image. What is n/2? Give the simplest form.",
+                value, value, [f"I count them: n = {n}.", f"So n/2 = {value}."])
+    if kind == "iou":  # LLaVA-CoT grounding
+        o = rng.choice(objects)
+        if sum(p["colour"] == o["colour"] and p["shape"] == o["shape"] for p in objects) > 1:
+            return None  # the sentence must describe one object
+        name = f"the {o['colour']} {o['shape']}"
+        gt = [round(v / IMAGE_SIZE, 2) for v in o["box"]]  # LLaVA-CoT style: normalised, 2 decimals
+        # The answer is in absolute pixels of the image the model sees (Qwen2.5-VL's native
+        # frame); rewards.iou_reward reconciles it with the normalised ground truth.
+        box = "[" + ", ".join(str(v) for v in o["box"]) + "]"
+        return (f"Please provide the bounding box coordinate of the region this sentence describes: {name}.",
+                gt, box, [f"{name.capitalize()} is at the {where(o['box'])}."])
+    if kind == "open":  # ALLaVA style: scored by a reward model against the reference
+        reference = f"The image shows {describe(objects)} on a grey background."
+        return "Describe the image.", reference, reference, [f"I count them: {count_phrase(n, 'object')}."]
+    raise ValueError(kind)
+
+
+def make_trace(rng, steps, answer, style):
+    """An SFT answer '<think>...</think><answer>...</answer>' in one of two styles."""
+    if style == "concise":
+        think = " ".join(steps)
+    elif style == "pseudo":
+        # R1-like "pseudo reasoning": hesitant, repetitive, reflective phrases, sometimes a
+        # wrong guess before the right one - what the paper says SFT teaches a model to imitate.
+        parts = ["Okay, let me look at the image carefully."]
+        for step in steps:
+            parts.append(step)
+            parts.append(rng.choice(["Hmm, wait, let me double-check that.", "Let me check again.",
+                                     "Alternatively, I could count them one more time.", "Wait."]))
+            parts.append(step)
+        if rng.random() < 0.3:
+            parts.insert(1, f"Maybe the answer is {rng.choice(['1', '2', 'A', 'B'])}? No, that is a mistake.")
+        parts.append("I should confirm: yes, that is consistent.")
+        think = " ".join(parts)
+    else:
+        raise ValueError(f"unknown trace style {style!r} (concise or pseudo)")
+    return f"<think>{think}</think><answer>{answer}</answer>"
+
+
+def make_records(split, n, seed, image_root):
+    """n records of one split in the VLAA-Thinking schema; PNGs go to image_root/<split>/."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(image_root, split), exist_ok=True)
+    records = []
+    for i in range(n):
+        kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
+        task = None
+        while task is None:
+            objects = random_scene(rng)
+            task = make_task(rng, objects, kind)
+        question, gt, answer, steps = task
+        image = f"{split}/{i:05d}.png"
+        draw_scene(objects).save(os.path.join(image_root, image))
+        record = {"id": f"{SOURCE[kind]}-toy-{split}-{i:05d}", "image": image, "question": question,
+                  "gt": gt, "verifier_type": kind, "meta": {"objects": objects}}
+        if split == "sft":  # SFT records carry distilled answers, in both styles
+            record["answer"] = make_trace(rng, steps, answer, "concise")
+            record["answer_pseudo"] = make_trace(rng, steps, answer, "pseudo")
+        else:
+            record["answer"] = make_trace(rng, steps, answer, "concise")  # a reference, never trained on in RL
+        records.append(record)
+    return records
+
+
+def write_jsonl(records, path):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def build_data(root, sizes=SPLIT_SIZES):
+    """Writes root/{sft,rl,test}.jsonl and root/images/. ~20 s on 2 cores."""
+    for split, n in sizes.items():
+        write_jsonl(make_records(split, n, SPLIT_SEEDS[split], os.path.join(root, "images")),
+                    os.path.join(root, f"{split}.jsonl"))
+
+
+# ----------------------------------------------------------------------------------------
+# The tiny model: tokenizer, processor, config
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen2-VL's chat template (the same one Qwen2.5-VL ships): image before text in a user turn.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+
+def build_tokenizer(corpus, vocab_size=1024):
+    """A byte-level BPE trained in-process (deterministic, ~10 ms) carrying Qwen's special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # use_regex=False lets merges cross word boundaries: trained on this narrow corpus, the
+    # paper's long system prompt becomes 54 tokens instead of ~95, and the toy runs ~2x faster.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), max_token_length=16)
+    tok.train_from_iterator(corpus, trainer)
+    # The format tags as whole tokens (not special: decoding keeps them). Split into "><",
+    # "answer", ">" a 2-layer model confuses the ">" of <answer> with that of </answer>.
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in FORMAT_TAGS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, chat_template=CHAT_TEMPLATE, model_max_length=4096,
+                                   extra_special_tokens={"image_token": "<|image_pad|>",
+                                                         "video_token": "<|video_pad|>",
+                                                         "vision_bos_token": "<|vision_start|>",
+                                                         "vision_eos_token": "<|vision_end|>"})
+
+
+def build_base_model(out_dir, corpus, arch="qwen2_5_vl", seed=0, hidden=128, layers=2, vision_dim=64):
+    """Randomly initialised tiny Qwen2.5-VL (or Qwen2-VL) + processor, saved as a normal HF checkpoint."""
+    import torch
+    from transformers import (AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
+                              Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    tokenizer = build_tokenizer(corpus)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels)  # 16 tokens per toy image
+    processor_class = Qwen2_5_VLProcessor if arch == "qwen2_5_vl" else Qwen2VLProcessor
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                                video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    heads, kv_heads = 4, 2
+    head_dim = hidden // heads
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True,
+                # M-RoPE: (temporal, height, width) sections sum to head_dim / 2, in Qwen's 2:3:3 ratio
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]})
+    special = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if arch == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=vision_dim, intermediate_size=vision_dim * 2, num_heads=2,
+                      out_hidden_size=hidden, fullatt_block_indexes=[1], window_size=112)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **special)
+    elif arch == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=vision_dim, hidden_size=hidden, num_heads=2, mlp_ratio=2)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **special)
+    else:
+        raise ValueError(f"unknown toy architecture {arch!r} (qwen2_5_vl or qwen2_vl)")
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------
+# Cached entry points used by every stage for --data toy / --model toy
+
+def _ready(path):
+    return os.path.exists(os.path.join(path, ".done"))
+
+
+def _mark_done(path):
+    with open(os.path.join(path, ".done"), "w") as f:
+        f.write(str(VERSION))
+
+
+def _build_atomically(path, build):
+    """Build into path.tmp, then rename: a kill mid-build never leaves a half-built cache."""
+    if _ready(path):
+        return path
+    tmp = path + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    build(tmp)
+    _mark_done(tmp)
+    if not _ready(path):  # another process may have finished first
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def data_dir():
+    """The toy dataset directory (built on first use): sft.jsonl, rl.jsonl, test.jsonl, images/."""
+    return _build_atomically(os.path.join(TOY_DIR, f"data-v{VERSION}"), build_data)
+
+
+def data_path(split):
+    """(jsonl path, image root) of one toy split - what --data/--image-root would be for real data."""
+    root = data_dir()
+    return os.path.join(root, f"{split}.jsonl"), os.path.join(root, "images")
+
+
+def text_corpus():
+    """Texts the toy tokenizer is trained on: the system prompt and the toy SFT data."""
+    from data import SYSTEM_PROMPT, TASK_INSTRUCTIONS
+    path, _ = data_path("sft")
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    # Weighted so that the long system prompt gets merges of its own.
+    texts = [SYSTEM_PROMPT] * 1000 + list(TASK_INSTRUCTIONS.values()) * 200
+    for r in records:
+        texts += [r["question"], r["answer"], r["answer_pseudo"], str(r["gt"])]
+    return texts
+
+
+def base_model_path(arch="qwen2_5_vl"):
+    """The randomly initialised tiny model (built on first use, ~1 s)."""
+    corpus = text_corpus()
+    return _build_atomically(os.path.join(TOY_DIR, f"base-{arch}-v{VERSION}"),
+                             lambda out: build_base_model(out, corpus, arch=arch))
+
+
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+            "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+# The toy policy recipe: short, so the policy follows the format but is far from perfect.
+POLICY_SFT_ARGS = ["--max-steps", "150", "--batch-size", "32", "--micro-batch-size", "32", "--lr", "1e-3",
+                   "--warmup-ratio", "0.05", "--kinds", "digit,mcq,math,iou", "--train-vision",
+                   "--save-every", "0", "--seed", "0"]
+
+
+def policy_path(arch="qwen2_5_vl"):
+    """The toy policy GRPO starts from: the base model SFT-ed briefly by sft.py (cached).
+
+    sft.py runs in a child process on the CPU with no distributed environment, so the
+    policy is the same whichever script, rank or device asked for it first."""
+    def build(out):
+        base = base_model_path(arch)
+        env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith("ACCELERATE_")}
+        env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
+        here = os.path.dirname(os.path.abspath(__file__))
+        cmd = [sys.executable, os.path.join(here, "sft.py"), "--model", base, "--data", "toy",
+               "--output-dir", out, "--quiet", *POLICY_SFT_ARGS]
+        print(f"building the toy policy (once, cached in {TOY_DIR}) ...", flush=True)
+        subprocess.run(cmd, env=env, check=True)
+    return _build_atomically(os.path.join(TOY_DIR, f"policy-{arch}-v{VERSION}"), build)
+
+
+def resolve_model(name):
+    """'toy' -> the toy policy, 'toy-base' -> the untrained toy model, anything else unchanged."""
+    return {"toy": policy_path, "toy-base": base_model_path}.get(name, lambda: name)()
+
+
+def resolve_data(data, image_root, split):
+    """(path, image_root) for --data: 'toy' -> the toy split, anything else unchanged."""
+    return data_path(split) if data == "toy" else (data, image_root)
+
+
+if __name__ == "__main__":
+    root = data_dir()
+    for split in SPLIT_SIZES:
+        print(f"{split:5s}: {sum(1 for _ in open(os.path.join(root, split + '.jsonl')))} records")
+    print("policy:", resolve_model(sys.argv[1] if len(sys.argv) > 1 else "toy"))
