@@ -31,6 +31,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 
 import torch
 from accelerate import Accelerator
@@ -203,6 +204,35 @@ def collate(samples, prompts, pad_id, processor):
     return batch, P
 
 
+def pad_rows(rows, like):
+    """Per-sample 1-D tensors of completion length -> (B, T) shaped like `like`, zero-padded."""
+    out = torch.zeros_like(like)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r.to(like.device)
+    return out
+
+
+def rollout_metrics(accelerator, samples, scores, kinds, advantages, group_size):
+    """Rollout statistics over all ranks (PITFALLS 4, 5): reward mean/std, per-verifier means,
+    fractions well-formed / truncated / in zero-variance groups, mean completion length."""
+    sums = {"n": len(scores), "reward": sum(scores), "reward_sq": sum(x * x for x in scores),
+            "well_formed": sum(rewards.is_well_formed(s["text"]) for s in samples),
+            "truncated": sum(s["truncated"] for s in samples), "length": sum(len(s["completion"]) for s in samples),
+            "zero_std": float((advantages.view(-1, group_size) == 0).all(1).sum()), "groups": len(scores) // group_size}
+    for k in rewards.KINDS:
+        sums[f"reward/{k}"] = sum(x for x, kind in zip(scores, kinds) if kind == k)
+        sums[f"count/{k}"] = sum(kind == k for kind in kinds)
+    values = accelerator.reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=accelerator.device),
+                                reduction="sum").tolist()
+    tot = dict(zip(sums, values))
+    n, mean = tot["n"], tot["reward"] / tot["n"]
+    row = dict(reward_mean=mean, reward_std=math.sqrt(max(0.0, tot["reward_sq"] / n - mean ** 2)))
+    row.update({f"reward/{k}": tot[f"reward/{k}"] / tot[f"count/{k}"] for k in rewards.KINDS if tot[f"count/{k}"]})
+    row.update(frac_well_formed=tot["well_formed"] / n, frac_truncated=tot["truncated"] / n,
+               frac_zero_std=tot["zero_std"] / tot["groups"], response_length_mean=tot["length"] / n)
+    return row
+
+
 # ----------------------------------------------------------------------------------------
 # Rollouts and evaluation
 
@@ -232,11 +262,11 @@ def rollout(model, processor, records, args, synced_gpus):
     return prompts, samples
 
 
-def reward_context(prompt, scorer, beta):
+def reward_context(processor, prompt, scorer, beta):
     """What a verifier may need beyond the answer: the size of the image the model saw (for
     boxes in Qwen2.5-VL's absolute-pixel frame) and, for open-ended answers, the scorer inputs."""
-    record, (t, h, w) = prompt["record"], prompt["grid"].tolist()
-    ctx = {"image_size": (w * 14, h * 14), "question": record["question"]}
+    record = prompt["record"]
+    ctx = {"image_size": image_size(processor, prompt["grid"]), "question": record["question"]}
     if record["kind"] == "open":
         ctx.update(scorer=scorer, image=data.load_image(record), reference=record["gt"], beta=beta)
     return ctx
@@ -244,21 +274,32 @@ def reward_context(prompt, scorer, beta):
 
 @torch.no_grad()
 def evaluate(model, processor, records, accelerator, args):
-    """Greedy mean reward on held-out records (= accuracy for 0/1 verifiers), sharded over ranks."""
+    """Greedy mean reward on held-out records (= accuracy for 0/1 verifiers), sharded over ranks.
+    Returns {"all": mean, "<kind>": mean per verifier kind}."""
     mine = records[accelerator.process_index::accelerator.num_processes]
-    total = torch.zeros(2, device=accelerator.device)
+    kinds = sorted({r["kind"] for r in records})
+    sums = torch.zeros(len(kinds) + 1, 2, device=accelerator.device)    # (kinds + all, [reward, count])
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     for start in range(0, len(mine), args.gen_batch_size):
         chunk = mine[start:start + args.gen_batch_size]
         batch = {k: v.to(accelerator.device) for k, v in data.encode_prompts(processor, chunk).items()}
         texts = data.decode(processor, data.generate(unwrapped, processor, batch, args.max_new_tokens))
-        contexts = [{"image_size": (int(g[2]) * 14, int(g[1]) * 14)} for g in batch["image_grid_thw"].tolist()]
+        contexts = [{"image_size": image_size(processor, g)} for g in batch["image_grid_thw"]]
         scores = rewards.reward_batch(texts, [r["gt"] for r in chunk], [r["kind"] for r in chunk], contexts)
-        total += torch.tensor([sum(scores), len(scores)], device=accelerator.device)
+        for r, score in zip(chunk, scores):
+            for row in (kinds.index(r["kind"]), len(kinds)):
+                sums[row] += torch.tensor([score, 1.0], device=accelerator.device)
     unwrapped.train()
-    total = accelerator.reduce(total, reduction="sum")
-    return (total[0] / total[1]).item()
+    sums = accelerator.reduce(sums, reduction="sum").tolist()
+    return {name: s / max(n, 1) for name, (s, n) in zip(kinds + ["all"], sums)}
+
+
+def image_size(processor, grid):
+    """(width, height) in pixels of the resized image the model saw, from its (t, h, w) patch grid:
+    the frame Qwen2.5-VL's absolute box coordinates are in (PITFALLS 8)."""
+    patch = processor.image_processor.patch_size
+    return int(grid[2]) * patch, int(grid[1]) * patch
 
 
 # ----------------------------------------------------------------------------------------
@@ -288,6 +329,7 @@ def main(argv=None):
     if args.eval_data:
         eval_file, eval_root = toy.resolve_data(args.eval_data, args.image_root, "test")
         eval_records = data.load_records(eval_file, eval_root, kinds=kinds, limit=args.eval_limit)
+        eval_records = [r for r in eval_records if r["kind"] != "open"]  # greedy accuracy needs no reward model
     model, processor = data.load_model(model_path, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                                        trust_remote_code=args.trust_remote_code)
     if args.freeze_vision:
@@ -329,7 +371,7 @@ def main(argv=None):
 
     eval_start = evaluate(model, processor, eval_records, accelerator, args) if eval_records and start_step == 0 else None
     if main_proc and eval_start is not None and not args.quiet:
-        print(f"held-out greedy accuracy before GRPO: {eval_start:.3f} ({len(eval_records)} records)")
+        print(f"held-out greedy accuracy before GRPO: {eval_start['all']:.3f} ({len(eval_records)} records)")
     bar = tqdm(total=total_steps, initial=start_step, disable=args.quiet or not main_proc, desc="grpo", dynamic_ncols=True)
     for step in range(start_step, total_steps):
         t0 = time.time()
@@ -346,7 +388,7 @@ def main(argv=None):
         gen_time = time.time() - t0
 
         # ---- 3. rewards: one verifier per task, the format gate first
-        contexts = [reward_context(prompts[s["prompt"]], scorer, args.reward_beta) for s in samples]
+        contexts = [reward_context(processor, prompts[s["prompt"]], scorer, args.reward_beta) for s in samples]
         kinds_ = [prompts[s["prompt"]]["record"]["kind"] for s in samples]
         scores = rewards.reward_batch([s["text"] for s in samples], [prompts[s["prompt"]]["record"]["gt"] for s in samples],
                                       kinds_, contexts, scorer=scorer)
@@ -372,49 +414,44 @@ def main(argv=None):
                         s["ref"] = ref[j, :n].cpu() if ref is not None else None
 
         # ---- 5. optimise: epochs x shuffled train batches, gradient accumulation over micro-batches
-        stats = torch.zeros(4, device=accelerator.device)  # loss, kl, clip_frac, micro-batches
-        grad_norms = []
-        perm_gen = torch.Generator().manual_seed(args.seed * 1000 + step)
+        losses, kls, clip_fracs, grad_norms = [], [], [], []
+        shuffle = torch.Generator().manual_seed(args.seed * 100_003 + step)
         for _ in range(args.epochs):
-            perm = torch.randperm(len(samples), generator=perm_gen).tolist()
+            perm = torch.randperm(len(samples), generator=shuffle).tolist()
             for b in range(0, len(samples), local_train):
                 train_batch = [samples[i] for i in perm[b:b + local_train]]
-                micro = [train_batch[i:i + args.micro_batch_size] for i in range(0, local_train, args.micro_batch_size)]
-                # token-level averaging needs the train batch's token count over all ranks
+                # token-level averaging (DAPO) divides by the train batch's tokens on all ranks
                 n_tokens = accelerator.reduce(torch.tensor(float(sum(len(s["completion"]) for s in train_batch)),
                                                            device=accelerator.device), reduction="sum")
-                update = len(grad_norms) + step * updates_per_step
-                lr = data.cosine_lr(update, total_steps * updates_per_step, args.warmup_ratio, args.lr, args.min_lr)
+                lr = data.cosine_lr(step * updates_per_step + len(grad_norms), total_steps * updates_per_step,
+                                    args.warmup_ratio, args.lr, args.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                for m, chunk in enumerate(micro):
+                micro_batches = [train_batch[i:i + args.micro_batch_size] for i in range(0, local_train, args.micro_batch_size)]
+                for m, chunk in enumerate(micro_batches):
                     batch, P = collate(chunk, prompts, processor.tokenizer.pad_token_id, processor)
                     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                     data.check_image_tokens(batch["input_ids"], batch["image_grid_thw"], processor.image_token_id)
-                    mask = batch["completion_mask"]                                       # (b, T)
-                    with accelerator.no_sync(model) if m < len(micro) - 1 else torch.enable_grad():
-                        logp = token_logprobs(model, batch, P, args.temperature)          # (b, T)
-                        pad = lambda key: torch.nn.utils.rnn.pad_sequence(
-                            [s[key] for s in chunk], batch_first=True).to(logp.device)[:, :logp.shape[1]]
-                        old = pad("old") if need_old_logprobs else logp.detach()
-                        kl = k3_kl(logp, pad("ref")) if use_kl else None
-                        adv = torch.tensor([s["advantage"] for s in chunk], device=logp.device)
+                    mask = batch["completion_mask"]                                     # (b, T)
+                    # gradients are all-reduced only on the last micro-batch of the update
+                    with accelerator.no_sync(model) if m < len(micro_batches) - 1 else nullcontext():
+                        logp = token_logprobs(model, batch, P, args.temperature)        # (b, T)
+                        old = pad_rows([s["old"] for s in chunk], logp) if need_old_logprobs else logp.detach()
+                        kl = k3_kl(logp, pad_rows([s["ref"] for s in chunk], logp)) if use_kl else None
+                        adv = torch.tensor([s["advantage"] for s in chunk], device=logp.device)   # (b,)
                         loss, clip_frac = policy_loss(logp, old, adv, mask, args.clip_eps, args.clip_eps_high,
                                                       kl, kl_coef, args.loss_agg, args.max_new_tokens)
-                        # Each micro-batch's share of the train batch: per-sequence and Dr. GRPO
-                        # losses are means over sequences, token-level over the batch's tokens.
-                        # (DDP then averages over ranks, hence the * world for token level.)
-                        if args.loss_agg == "token":
-                            scale = mask.sum() / n_tokens * world
-                        else:
-                            scale = len(chunk) / local_train
-                        accelerator.backward(loss * scale)
-                    stats += torch.stack([loss.detach() * scale, (aggregate(kl, mask, "seq", 1).detach() if use_kl else
-                                          torch.zeros((), device=logp.device)) / len(micro),
-                                          clip_frac.detach() / len(micro), torch.ones((), device=logp.device)])
+                        # this micro-batch's share of the train batch's loss: a mean over its
+                        # sequences (seq, dr_grpo) or over its tokens (token; DDP then averages
+                        # over ranks, hence x world)
+                        share = mask.sum() / n_tokens * world if args.loss_agg == "token" else len(chunk) / local_train
+                        accelerator.backward(loss * share)
+                    losses.append(loss.item())
+                    clip_fracs.append(clip_frac.item())
+                    kls.append(aggregate(kl, mask, "seq", 1).item() if use_kl else 0.0)
                 grad_norm = accelerator.clip_grad_norm_(params, 1.0)  # not in the paper: clip at 1.0
-                # A NaN/inf loss or gradient is never applied: grads are all-reduced before the
-                # norm, so every rank sees the same norm and skips together.
+                # A NaN/inf loss or gradient is never applied. Gradients are all-reduced before
+                # the norm, so every rank sees the same norm and skips together.
                 if torch.isfinite(grad_norm):
                     optimizer.step()
                 else:
@@ -422,28 +459,13 @@ def main(argv=None):
                 optimizer.zero_grad(set_to_none=True)
                 grad_norms.append(float(grad_norm))
 
-        # ---- metrics over all ranks
-        n_upd = max(1, len(grad_norms))
-        stats = accelerator.reduce(stats, reduction="mean")
-        kinds_present = sorted(set(rewards.KINDS))
-        wf = [rewards.is_well_formed(s["text"]) for s in samples]
-        zero = (advantages.view(-1, G) == 0).all(1).float()
-        local = [sum(scores), sum(x * x for x in scores), len(scores), sum(wf), sum(s["truncated"] for s in samples),
-                 float(zero.sum()), float(zero.numel()), sum(len(s["completion"]) for s in samples)]
-        for k in kinds_present:
-            local += [sum(x for x, kk in zip(scores, kinds_) if kk == k), sum(kk == k for kk in kinds_)]
-        tot = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), reduction="sum").tolist()
-        n = tot[2]
-        mean_kl = stats[1].item() / max(1, args.epochs * (samples_per_step // args.train_batch_size)) * \
-            (args.epochs * (samples_per_step // args.train_batch_size))
-        row = dict(step=step + 1, reward_mean=tot[0] / n, reward_std=math.sqrt(max(0.0, tot[1] / n - (tot[0] / n) ** 2)))
-        for i, k in enumerate(kinds_present):
-            if tot[8 + 2 * i + 1]:
-                row[f"reward/{k}"] = tot[8 + 2 * i] / tot[8 + 2 * i + 1]
-        row.update(frac_well_formed=tot[3] / n, frac_truncated=tot[4] / n, frac_zero_std=tot[5] / max(1, tot[6]),
-                   response_length_mean=tot[7] / n, kl=stats[1].item() / n_upd if use_kl else 0.0,
-                   kl_coef=kl_coef, loss=stats[0].item() / n_upd, clip_frac=stats[2].item() / n_upd,
-                   grad_norm=sum(grad_norms) / n_upd, lr=lr, skipped_updates=skipped,
+        # ---- metrics: sums over this rank, all-reduced into means over the global step
+        train_stats = accelerator.reduce(torch.tensor([sum(losses) / len(losses), sum(kls) / len(kls),
+                                                       sum(clip_fracs) / len(clip_fracs)], device=accelerator.device),
+                                         reduction="mean").tolist()
+        row = dict(step=step + 1, **rollout_metrics(accelerator, samples, scores, kinds_, advantages, G))
+        row.update(kl=train_stats[1], kl_coef=kl_coef, loss=train_stats[0], clip_frac=train_stats[2],
+                   grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, skipped_updates=skipped,
                    step_time_s=time.time() - t0, gen_time_s=gen_time)
         if args.kl_target is not None:  # adaptive KL, OpenRLHF style, on the measured KL
             kl_coef = update_kl_coef(kl_coef, row["kl"], args.kl_target, samples_per_step, args.kl_horizon)
@@ -478,8 +500,10 @@ def main(argv=None):
         if not args.quiet:
             print(f"grpo: training reward {first:.3f} (first 10% of steps) -> {last:.3f} (last 10%)")
             if eval_end is not None:
-                print(f"held-out greedy accuracy: {eval_start if eval_start is not None else float('nan'):.3f} "
-                      f"-> {eval_end:.3f}; saved {data.resolve_checkpoint(args.output_dir)}")
+                before = eval_start or {}
+                print("held-out greedy accuracy: " + ", ".join(
+                    f"{k} {before.get(k, float('nan')):.3f} -> {v:.3f}" for k, v in eval_end.items()))
+            print(f"saved {data.resolve_checkpoint(args.output_dir)}")
     accelerator.end_training()
 
 

@@ -34,7 +34,7 @@ import sys
 from PIL import Image, ImageDraw
 
 TOY_DIR = os.environ.get("VLAA_TOY_DIR", os.path.join("out", "toy"))
-VERSION = 1  # bump when the toy world or model changes; invalidates the cache
+VERSION = 4  # bump when the toy world or model changes; invalidates the cache
 
 IMAGE_SIZE = 112  # 112x112 -> 8x8 patches of 14 -> 16 image tokens after the 2x2 merge
 GRID = 4  # objects are placed on a 4x4 grid of cells, one vision token each
@@ -92,96 +92,114 @@ def describe(objects):
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def where(box, size=IMAGE_SIZE):
-    """Coarse position of a box: 'top left', 'middle', 'bottom right', ..."""
-    cx, cy = (box[0] + box[2]) / 2 / size, (box[1] + box[3]) / 2 / size
-    row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "middle"
-    col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
-    return f"{row} {col}".strip() if (row, col) != ("middle", "") else "centre"
-
-
 def count_phrase(k, noun):
     return f"there {'is' if k == 1 else 'are'} {k} {noun}{'' if k == 1 else 's'}"
 
 
-def make_task(rng, objects, kind):
-    """(question, gt, answer, reasoning) for one scene and verifier kind, or None when the
+def make_task(rng, objects, kind, rl_forms=True):
+    """(question, gt, answer, plan, facts) for one scene and verifier kind, or None when the
     drawn question would be ambiguous for this scene (the caller draws again).
 
-    The reasoning is one or two short true sentences; both SFT trace styles are built on it."""
+    rl_forms=False leaves out the question form kept for RL (the count-as-letter MCQ), as
+    VLAA-Thinking keeps GeoQA170K out of its SFT split: GRPO must carry what the policy saw in
+    SFT over to a question it never saw answered.
+
+    `plan` says what to look for; `facts` are short true sentences that lead to the answer.
+    The concise trace is the plan alone, the pseudo-reasoning trace adds the facts with
+    hesitations around them (see make_trace)."""
     n = len(objects)
     if kind == "digit":  # CLEVR-Math style counting, single-digit answers
         form = rng.randrange(3)
         if form == 0:
-            return "How many objects are there?", n, str(n), [f"I count them: {count_phrase(n, 'object')}."]
+            return ("How many objects are there?", n, str(n), "I need to count all the objects.",
+                    [f"I count them: {count_phrase(n, 'object')}."])
         if form == 1:
             colour = rng.choice(list(COLOURS))
             k = sum(o["colour"] == colour for o in objects)
             return (f"Subtract all {colour} objects. How many objects are left?", n - k, str(n - k),
+                    f"I need to count the objects that are not {colour}.",
                     [f"{count_phrase(n, 'object').capitalize()} and {k} {'is' if k == 1 else 'are'} {colour}.",
                      f"So {n} - {k} = {n - k}."])
         shape = rng.choice(SHAPES)
         k = sum(o["shape"] == shape for o in objects)
-        return f"How many {shape}s are there?", k, str(k), [f"I count them: {count_phrase(k, shape)}."]
+        return (f"How many {shape}s are there?", k, str(k), f"I need to count the {shape}s.",
+                [f"I count them: {count_phrase(k, shape)}."])
     if kind == "mcq":  # GeoQA style: options inline, the answer is a letter
-        form = rng.randrange(3)
+        form = rng.randrange(3) if rl_forms else rng.randrange(2)
         if form == 0:
             left = [o for o in objects if o["box"][0] // (IMAGE_SIZE // GRID) == objects[0]["box"][0] // (IMAGE_SIZE // GRID)]
             if len(left) > 1:
                 return None  # two objects share the leftmost column: "leftmost" would be ambiguous
             target, options = objects[0]["colour"], list(COLOURS)
             question, fact = "What colour is the leftmost object?", f"The leftmost object is {target}."
+            plan = "I need the colour of the leftmost object."
         elif form == 1:
             o = rng.choice(objects)
             if sum(p["colour"] == o["colour"] for p in objects) > 1:
                 return None  # "the red object" must name one object
             target, options = o["shape"], list(SHAPES) + ["star"]
             question, fact = f"What shape is the {o['colour']} object?", f"The {o['colour']} object is a {target}."
-        else:
-            others = [str(k) for k in range(1, 6) if k != n]
-            rng.shuffle(others)
-            target, options = str(n), others[:3] + [str(n)]
+            plan = f"I need the shape of the {o['colour']} object."
+        else:  # RL-only: the counting the policy learned, mapped to letters it must discover
+            if n > 4:
+                return None
+            target, options = str(n), ["1", "2", "3", "4"]
             question, fact = "How many objects are in the image?", f"I count them: {count_phrase(n, 'object')}."
-        rng.shuffle(options)
+            plan = "I need to count all the objects."
+        # not like GeoQA: the options come in a fixed order, so that a 2-layer model can learn
+        # the letters in minutes; shuffled options stayed at chance for 600 SFT steps.
         letter = "ABCD"[options.index(target)]
         choices = " ".join(f"{'ABCD'[i]}. {opt}" for i, opt in enumerate(options))
-        return f"{question}\nChoices: {choices}", letter, letter, [fact, f"That is option {letter}."]
+        return (f"{question}\nChoices: {choices}", letter, letter, plan + " Then I pick its letter.",
+                [fact, f"That is option {letter}."])
     if kind == "math":  # Math PUMA style: the number comes from the picture, Math-Verify checks it
         value = f"\\frac{{{n}}}{{2}}" if n % 2 else str(n // 2)
         return ("Let n be the number of objects in the image. What is n/2? Give the simplest form.",
-                value, value, [f"I count them: n = {n}.", f"So n/2 = {value}."])
+                value, value, "I need to count the objects and halve the count.",
+                [f"I count them: n = {n}.", f"So n/2 = {value}."])
     if kind == "iou":  # LLaVA-CoT grounding
+        if len(objects) > 2:
+            return None  # not like LLaVA-CoT: at most two objects, so the tiny model can learn it
         o = rng.choice(objects)
         if sum(p["colour"] == o["colour"] and p["shape"] == o["shape"] for p in objects) > 1:
             return None  # the sentence must describe one object
         name = f"the {o['colour']} {o['shape']}"
+        cell = IMAGE_SIZE // GRID
+        row, col = o["box"][1] // cell + 1, o["box"][0] // cell + 1
         gt = [round(v / IMAGE_SIZE, 2) for v in o["box"]]  # LLaVA-CoT style: normalised, 2 decimals
         # The answer is in absolute pixels of the image the model sees (Qwen2.5-VL's native
         # frame); rewards.iou_reward reconciles it with the normalised ground truth.
         box = "[" + ", ".join(str(v) for v in o["box"]) + "]"
         return (f"Please provide the bounding box coordinate of the region this sentence describes: {name}.",
-                gt, box, [f"{name.capitalize()} is at the {where(o['box'])}."])
+                gt, box, f"I need to find {name} and give its box.",
+                [f"{name.capitalize()} is in row {row}, column {col}."])
     if kind == "open":  # ALLaVA style: scored by a reward model against the reference
         reference = f"The image shows {describe(objects)} on a grey background."
-        return "Describe the image.", reference, reference, [f"I count them: {count_phrase(n, 'object')}."]
+        return ("Describe the image.", reference, reference, "I need to name every object.",
+                [f"I count them: {count_phrase(n, 'object')}."])
     raise ValueError(kind)
 
 
-def make_trace(rng, steps, answer, style):
-    """An SFT answer '<think>...</think><answer>...</answer>' in one of two styles."""
+def make_trace(rng, plan, facts, answer, style):
+    """An SFT answer '<think>...</think><answer>...</answer>' in one of two styles.
+
+    concise: the plan only, one short sentence; the answer comes straight from the image.
+      (A think that states the counted fact teaches a 0.7 M-parameter model to copy it into
+      the answer, and GRPO, which rewards only the answer, then pulls answer and think apart.)
+    pseudo: R1-like "pseudo reasoning": hesitant, repetitive, reflective phrases around the
+      facts, sometimes a wrong guess first - what the paper says SFT teaches a model to imitate."""
     if style == "concise":
-        think = " ".join(steps)
+        think = plan
     elif style == "pseudo":
-        # R1-like "pseudo reasoning": hesitant, repetitive, reflective phrases, sometimes a
-        # wrong guess before the right one - what the paper says SFT teaches a model to imitate.
-        parts = ["Okay, let me look at the image carefully."]
+        steps = facts
+        parts = ["Okay, let me look at the image carefully.", plan]
         for step in steps:
             parts.append(step)
             parts.append(rng.choice(["Hmm, wait, let me double-check that.", "Let me check again.",
                                      "Alternatively, I could count them one more time.", "Wait."]))
             parts.append(step)
         if rng.random() < 0.3:
-            parts.insert(1, f"Maybe the answer is {rng.choice(['1', '2', 'A', 'B'])}? No, that is a mistake.")
+            parts.insert(2, f"Maybe the answer is {rng.choice(['1', '2', 'A', 'B'])}? No, that is a mistake.")
         parts.append("I should confirm: yes, that is consistent.")
         think = " ".join(parts)
     else:
@@ -199,17 +217,17 @@ def make_records(split, n, seed, image_root):
         task = None
         while task is None:
             objects = random_scene(rng)
-            task = make_task(rng, objects, kind)
-        question, gt, answer, steps = task
+            task = make_task(rng, objects, kind, rl_forms=split != "sft")
+        question, gt, answer, plan, facts = task
         image = f"{split}/{i:05d}.png"
         draw_scene(objects).save(os.path.join(image_root, image))
         record = {"id": f"{SOURCE[kind]}-toy-{split}-{i:05d}", "image": image, "question": question,
                   "gt": gt, "verifier_type": kind, "meta": {"objects": objects}}
         if split == "sft":  # SFT records carry distilled answers, in both styles
-            record["answer"] = make_trace(rng, steps, answer, "concise")
-            record["answer_pseudo"] = make_trace(rng, steps, answer, "pseudo")
+            record["answer"] = make_trace(rng, plan, facts, answer, "concise")
+            record["answer_pseudo"] = make_trace(rng, plan, facts, answer, "pseudo")
         else:
-            record["answer"] = make_trace(rng, steps, answer, "concise")  # a reference, never trained on in RL
+            record["answer"] = make_trace(rng, plan, facts, answer, "concise")  # a reference, never trained on in RL
         records.append(record)
     return records
 
@@ -264,11 +282,13 @@ def build_tokenizer(corpus, vocab_size=1024):
 
     tok = Tokenizer(models.BPE())
     # use_regex=False lets merges cross word boundaries: trained on this narrow corpus, the
-    # paper's long system prompt becomes 54 tokens instead of ~95, and the toy runs ~2x faster.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    # paper's long system prompt becomes 27 tokens instead of ~95, and the toy runs ~2x faster.
+    # Digits are split off first, so numbers (counts, box corners) are tokens of their own.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), max_token_length=16)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
     # The format tags as whole tokens (not special: decoding keeps them). Split into "><",
     # "answer", ">" a 2-layer model confuses the ">" of <answer> with that of </answer>.
