@@ -1,0 +1,692 @@
+"""
+eval.py - did the run beat the base model? The paper's six benchmarks (METHOD.md section 6 and
+Table 4), the toy test split, comparison tables, response length and "aha" phrases, training curves.
+
+    python eval.py                          # toy: the toy policy, out/sft, out/grpo (where trained), toy test split
+    python eval.py plot out/sft out/grpo    # reward and response length against step (the paper's Figure 6)
+    python eval.py aha out/grpo             # aha phrases in a GRPO run's logged rollouts, over steps
+    accelerate launch --num_processes 8 eval.py --model out/grpo-3b --model Qwen/Qwen2.5-VL-3B-Instruct \\
+        --benchmarks all --bench-root benchmarks/
+
+As the paper (which used VLMEvalKit): the training system prompt, image before text; greedy; 800
+new tokens; images capped at 256*32*32 pixels; the answer is the content of the single <answer>
+block, else the whole response (the authors' wrapper); accuracy, DynaMath's worst case over the
+variants of a seed and We-Math's strict score. Responses are appended to
+<output-dir>/<model>/<benchmark>.jsonl as they come; a rerun skips the ids already there (and
+starts over when the checkpoint or the generation settings changed).
+
+How scoring departs from VLMEvalKit, which asks gpt-4o-mini to extract the answers its rules
+cannot read (and, for MathVerse, to judge them): here rules do it offline, so every number is
+reproducible without a network.
+  1. options: VLMEvalKit's own rule `can_infer` (the one option letter standing alone, else the
+     one option whose text the answer contains) for MathVista, MathVision, We-Math and the MCQ of
+     MathVerse and DynaMath; LogicVista: the set of standalone letters A-G must equal the truth.
+  2. numbers: the last number of the answer ("2π" is 2*pi). MathVista floats are rounded to the
+     item's `precision` first (the official scorer; VLMEvalKit compares floats exactly), integers
+     compared exactly; DynaMath floats within 0.001 (VLMEvalKit's rule).
+  3. expressions (MathVision, MathVerse free-form): equal strings, else Math-Verify, where
+     VLMEvalKit uses latex2sympy (MathVision) or the LLM's "consistent?" verdict (MathVerse).
+  4. DynaMath text answers: the answer must be a substring of the truth (VLMEvalKit's rule).
+  5. not in the paper: prompts are VLMEvalKit's defaults for Qwen2-VL models (the question plus
+     "Please try to answer ... short words or phrases"; We-Math: Question/Options/"Please select").
+With --judge-url, an LLM (any OpenAI-compatible endpoint) extracts the answer from the responses
+the rules scored wrong and the rules run again on its extraction; summary.json names the mode.
+"""
+import argparse
+import ast
+import base64
+import csv
+import glob
+import io
+import json
+import math
+import os
+import re
+import sys
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import rewards
+import toy
+
+PAPER = dict(max_new_tokens=800, batch_size=16)  # paper: 800 new tokens (batch size: ours)
+TOY = dict(max_new_tokens=128, batch_size=64)     # toy answers are < 100 tokens; a stuck model is cut sooner
+TOY_KINDS = ("digit", "mcq", "math", "iou")       # "open" needs a reward model; not a rule-scored accuracy
+# The paper's step-6 keywords plus the phrases its GRPO analysis counts. Substrings, case-insensitive,
+# as in the paper: "check" also counts inside "double-check".
+AHA_PHRASES = tuple(dict.fromkeys(data.AHA_KEYWORDS + ("double-check", "alternatively", "i should check", "wait")))
+# VLMEvalKit's default prompt for Qwen2-VL models on VQA-type benchmarks (use_custom_prompt=True);
+# whether the authors kept it is not known (benchmarks README section 7).
+VQA_SUFFIX = "\nPlease try to answer the question with short words or phrases if possible."
+LETTERS = "ABCDEFGH"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", action="append", help="checkpoint, run dir, hub id or 'toy'/'toy-base'; repeat to compare; "
+      "'label=path' names a row (default: the toy policy, out/sft and out/grpo where they exist)")
+    a("--benchmarks", default="toy", help="comma list of toy," + ",".join(BENCHMARKS) + ", or 'all' (the six)")
+    a("--bench-root", default=None, help="local copies: <root>/<name>.{tsv,json,jsonl} or <root>/<name>/<its "
+      "file>; a benchmark not found there is loaded from the Hugging Face hub")
+    a("--output-dir", default="out/eval")
+    a("--limit", type=int, default=None, help="first N items of each benchmark, for a quick look")
+    a("--max-new-tokens", type=int, default=None, help="paper: 800 (toy: 128)")
+    a("--max-pixels", type=int, default=256 * 32 * 32, help="image pixel cap (paper: 256*32*32)")
+    a("--min-pixels", type=int, default=None)
+    a("--batch-size", type=int, default=None, help="prompts per generate() call on a rank (ours: 16; toy: 64)")
+    a("--judge-url", default=None, help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (default: "
+      "no judge, rules only)")
+    a("--judge-model", default="gpt-4o-mini", help="VLMEvalKit's default judge")
+    a("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
+    a("--trust-remote-code", action="store_true")
+    a("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    for key, value in (TOY if args.benchmarks == "toy" else PAPER).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+# ----------------------------------------------------------------------------------------
+# Scoring rules: pure functions (tests/test_eval.py)
+
+def answer_text(response):
+    """The authors' rule: the stripped content of the single <answer> block, else the whole response."""
+    answer = rewards.extract_answer(response)
+    return answer if answer is not None else response.strip()
+
+
+def can_infer(answer, choices):
+    """VLMEvalKit's matching_util.can_infer: the letter of `choices` ({letter: text}) that the
+    answer names - exactly one option letter standing alone, else exactly one option text
+    contained in it (case-insensitive) - or None."""
+    spaced = re.sub(r"[.()\[\],:;!*#{}]", " ", str(answer)).split()
+    letters = [c for c in choices if c in spaced]
+    if len(letters) == 1:
+        return letters[0]
+    texts = [c for c, text in choices.items() if text and str(text).lower() in str(answer).lower()]
+    return texts[0] if len(texts) == 1 else None
+
+
+def parse_choices(text):
+    """Options written inline: "(A) yes (B) no" (DynaMath) or lines "A:40°" (MathVerse). {letter: text}."""
+    found = re.findall(r"\(([A-H])\)\s*([^()]*?)\s*(?=\([A-H]\)|$)", text or "")
+    return dict(found or re.findall(r"^([A-H])\s*[:.]\s*(.+?)\s*$", text or "", re.M))
+
+
+def last_number(text):
+    """The last number in the text ("1,000" is 1000; "2π" or "2\\pi" is 2*pi), or None."""
+    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", str(text))
+    found = re.findall(r"(-?(?:\d+\.?\d*|\.\d+))\s*(π|\\pi)?", text)
+    if not found:
+        return None
+    number, pi = found[-1]
+    return float(number) * (math.pi if pi else 1.0)
+
+
+def letter_set(text):
+    """LogicVista: the option letters an answer picks ("A, C", "(A) and (C)", a judge's "AC")."""
+    text = str(text).strip()
+    return set(text) if re.fullmatch(r"[A-G]{2,7}", text) else set(re.findall(r"(?<![A-Za-z])[A-G](?![A-Za-z])", text))
+
+
+def match(item, pred, image_size=None):
+    """The score in [0, 1] of the extracted answer `pred` for one item, by the item's type."""
+    kind, gold = item["type"], item["answer"]
+    if kind == "choice":
+        return float(gold is not None and can_infer(pred, item["choices"]) == gold)
+    if kind == "number":
+        p = last_number(pred)
+        if p is None:
+            return 0.0
+        if item.get("precision") is not None:
+            p = round(p, int(item["precision"]))
+        return float(abs(p - float(gold)) <= item.get("tol", 0.0))
+    if kind == "expr":
+        return float(pred.strip().lower() == str(gold).strip().lower()
+                     or (bool(pred.strip()) and rewards.math_reward(pred, str(gold)) == 1.0))
+    if kind == "letters":
+        return float(bool(letter_set(gold)) and letter_set(pred) == letter_set(gold))
+    if kind == "text":
+        return float(bool(pred.strip()) and pred.strip().lower() in str(gold).lower())
+    verifier = {"digit": rewards.digit_reward, "mcq": rewards.mcq_reward, "math": rewards.math_reward}
+    return verifier[kind](pred, gold) if kind in verifier else rewards.iou_reward(pred, gold, image_size)
+
+
+def dynamath_scores(rows):
+    """rows: (seed, score) per variant. Worst case (the paper's DynaMath number): the share of
+    seeds whose variants are all right; average: the share of variants right. In %."""
+    seeds = {}
+    for seed, score in rows:
+        seeds[seed] = seeds.get(seed, True) and score == 1
+    return dict(worst_case=100 * sum(seeds.values()) / len(seeds),
+                average=100 * sum(score == 1 for _, score in rows) / len(rows))
+
+
+def wemath_scores(rows):
+    """rows: (ID, key, score). We-Math's four-dimensional metric (four_dimensional_metrics.py, as in
+    VLMEvalKit): per problem group, S = all sub-problems right, A = any right, M = composite right.
+    IK = not S, not M; IG = S, not M; CM = S and M; RM = not S, M (loose: CM = A and M, RM = not A, M).
+    Score = (groups - 0.5 IG - RM - IK) / groups; a group missing a row counts in the denominator only."""
+    groups = {}
+    for gid, key, score in rows:
+        groups.setdefault(gid, {})[key] = score == 1
+    n = dict(IK=0, IG=0, CM_strict=0, RM_strict=0, CM_loose=0, RM_loose=0)
+    for steps in groups.values():
+        multi = [k for k in steps if k.endswith("multi")]
+        subs = [ok for k, ok in steps.items() if not k.endswith("multi")]
+        if not multi or len(subs) != int(multi[0][0]):  # "2steps_multi": two sub-problems
+            continue
+        S, A, M = all(subs), any(subs), steps[multi[0]]
+        n["IK"] += not S and not M
+        n["IG"] += S and not M
+        n["CM_strict"] += S and M
+        n["RM_strict"] += not S and M
+        n["CM_loose"] += A and M
+        n["RM_loose"] += not A and M
+    total = len(groups)
+    return dict(n, groups=total, score_strict=100 * (total - 0.5 * n["IG"] - n["RM_strict"] - n["IK"]) / total,
+                score_loose=100 * (total - 0.5 * n["IG"] - n["RM_loose"] - n["IK"]) / total)
+
+
+def aha_counts(texts):
+    """Responses with any aha keyword (data.has_aha, the paper's step 6), and each phrase's count."""
+    lowered = [t.lower() for t in texts]
+    return dict(responses=len(texts), with_aha=sum(map(data.has_aha, texts)),
+                **{p: sum(t.count(p) for t in lowered) for p in AHA_PHRASES})
+
+# ----------------------------------------------------------------------------------------
+# Benchmarks: each real schema (HF dataset, GitHub JSON, VLMEvalKit TSV) -> items
+# item: id, image (PIL, bytes or path), prompt, answer, type (see match), choices, group, key
+
+def first(r, *keys):
+    return next((r[k] for k in keys if r.get(k) not in (None, "")), None)
+
+
+def as_list(x):
+    """A list, or a VLMEvalKit list repr ("['97', '102']")."""
+    if isinstance(x, str):
+        try:
+            x = ast.literal_eval(x)
+        except (ValueError, SyntaxError):
+            return []
+    return list(x) if isinstance(x, (list, tuple)) else []
+
+
+def image_of(r, *keys):
+    """The record's picture: a PIL image or bytes as is; a relative path is looked up beside the
+    data file, in images/ there, and one folder up (the repositories lay them out differently)."""
+    x = first(r, *keys)
+    if not isinstance(x, str):
+        return x
+    base = r.get("_dir", ".")
+    for root in (base, os.path.join(base, "images"), os.path.dirname(base)):
+        if os.path.isfile(os.path.join(root, x.lstrip("/"))):
+            return os.path.join(root, x.lstrip("/"))
+    return os.path.join(base, x.lstrip("/"))
+
+
+def mathvista_item(r):
+    choices = dict(zip(LETTERS, map(str, as_list(r.get("choices")))))
+    # HF rows and the TSV carry the full prompt (hint, question, choices); the GitHub file does not.
+    prompt = r.get("query") or r["question"] + "".join(f"\n({c}) {t}" for c, t in choices.items())
+    item = dict(id=str(first(r, "pid", "index", "_key")), image=image_of(r, "decoded_image", "image"),
+                prompt=prompt + VQA_SUFFIX, answer=str(r["answer"]).strip())
+    if r["question_type"] == "multi_choice":  # the answer is the option text; the TSV also has the letter
+        letter = r.get("answer_option") or next((c for c, t in choices.items() if t == item["answer"]), None)
+        return dict(item, type="choice", choices=choices, answer=letter)
+    if r["answer_type"] in ("integer", "float"):
+        precision = r.get("precision") if r["answer_type"] == "float" else None
+        return dict(item, type="number", precision=precision if precision == precision else None)  # NaN: none
+    return dict(item, type="expr")  # the 2 "list" answers (VLMEvalKit can never score them)
+
+
+def mathvision_item(r):
+    options = as_list(first(r, "options", "choices"))
+    item = dict(id=str(first(r, "id", "index", "_key")), image=image_of(r, "decoded_image", "image"),
+                prompt=r["question"] + VQA_SUFFIX, answer=str(r["answer"]).strip(), type="expr")
+    if not options:
+        return item
+    choices = dict(zip(LETTERS, map(str, options)))
+    if options != list(LETTERS[:len(options)]):  # 384 items' options are just "A".."E", drawn in the image
+        item["prompt"] = r["question"] + "\nChoices: " + " ".join(f"({c}) {t}" for c, t in choices.items()) + VQA_SUFFIX
+    return dict(item, type="choice", choices=choices)
+
+
+def mathverse_item(r):
+    if r.get("problem_version", "Vision Only") != "Vision Only":
+        return None  # the HF testmini config holds all five versions; the paper reports Vision Only
+    item = dict(id=str(first(r, "sample_index", "index", "_key")), image=image_of(r, "image"),
+                prompt=first(r, "query_wo", "question") + VQA_SUFFIX, answer=str(r["answer"]).strip(), type="expr")
+    # the TSV has no question_type column: a one-letter answer means multiple choice
+    mcq = r["question_type"] == "multi-choice" if "question_type" in r else item["answer"] in set(LETTERS)
+    if not mcq:
+        return item
+    choices = parse_choices(r.get("question_for_eval"))  # the options are in the image; their text only here
+    return dict(item, type="choice", choices=choices or dict.fromkeys("ABCDE", ""))
+
+
+def dynamath_item(r):
+    # the variant: a TSV column, else the HF split "sample_variant<k>" or the GitHub folder "trial<k>"
+    varid = int(first(r, "varid") or re.search(r"(\d+)$", r.get("_split") or os.path.basename(r["_dir"])).group(1))
+    seed = str(first(r, "qid", "_key"))  # GitHub: the key; HF: the row (the same seed in every split)
+    item = dict(id=f"{seed}-{varid}", group=seed, image=image_of(r, "decoded_image", "image"),
+                prompt=r["question"] + VQA_SUFFIX, answer=str(first(r, "ground_truth", "answer")).strip())
+    if r["answer_type"] == "float":
+        return dict(item, type="number", tol=0.001)
+    if r["answer_type"] == "multiple choice":
+        return dict(item, type="choice", choices=parse_choices(r["question"]) or dict.fromkeys("ABCDE", ""))
+    return dict(item, type="text")
+
+
+def wemath_item(r):
+    choices = {c: str(r[c]) for c in LETTERS if r.get(c) not in (None, "")} or \
+        dict(re.findall(r"([A-H])\.\s*(.*?)\s*(?=;\s*[A-H]\.|$)", r["option"]))  # "A. 300, 400;B. 400, 300;..."
+    options = "\n".join(f"{c}. {t}" for c, t in choices.items())  # VLMEvalKit's MCQ prompt for Qwen2-VL
+    prompt = f"Question: {r['question']}\nOptions:\n{options}\nPlease select the correct answer from the options above."
+    return dict(id=str(first(r, "question number", "index")), group=str(first(r, "ID", "id")), key=r["key"],
+                image=image_of(r, "image", "image_path"), prompt=prompt, answer=str(r["answer"]).strip(),
+                type="choice", choices=choices)
+
+
+def logicvista_item(r):
+    return dict(id=str(first(r, "index", "_key")), image=image_of(r, "image", "imagename"),
+                prompt=r["question"] + VQA_SUFFIX, answer=str(r["answer"]).strip(), type="letters")
+
+
+# The paper's six, in Table 4's order. hub: (dataset id, config, splits); file: the data file(s) of
+# a local copy in the official GitHub repository's layout, under <bench-root>/<name>/.
+BENCHMARKS = {
+    "mathvista": dict(title="MathVista", item=mathvista_item, file="testmini.json",
+                      hub=("AI4Math/MathVista", None, ["testmini"])),
+    "mathvision": dict(title="MathVision", item=mathvision_item, file="test.jsonl",
+                       hub=("MathLLMs/MathVision", None, ["test"])),
+    "mathverse": dict(title="MathVerse", item=mathverse_item, file="testmini.json",
+                      hub=("AI4Math/MathVerse", "testmini", ["testmini"])),
+    "dynamath": dict(title="DynaMath", item=dynamath_item, file="trial*/dataset.json",
+                     hub=("DynaMath/DynaMath_Sample", None, [f"sample_variant{k}" for k in range(1, 11)])),
+    "wemath": dict(title="WeMath", item=wemath_item, file="testmini.json",
+                   hub=("We-Math/We-Math", None, ["testmini"])),
+    "logicvista": dict(title="LogicVista", item=logicvista_item, file="dataset.json",  # hub split: not verified
+                       hub=("lscpku/LogicVista", None, ["test"])),
+}
+
+
+def read_local(path):
+    """Records of a JSON list, a JSON dict keyed by id, JSON Lines, or a VLMEvalKit TSV (base64 images)."""
+    if path.endswith(".tsv"):
+        csv.field_size_limit(sys.maxsize)
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        images = {r["index"]: r.get("image") for r in rows}
+        for r in rows:  # VLMEvalKit: an image of <= 64 characters is the index of the row holding it
+            image = images.get(r.get("image")) if len(r.get("image") or "") <= 64 else r["image"]
+            r["image"] = base64.b64decode(image) if image else None
+    else:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = [dict(r, _key=k) for k, r in rows.items()] if isinstance(rows, dict) else rows
+    return [dict(r, _dir=os.path.dirname(os.path.abspath(path))) for r in rows]
+
+
+def read_benchmark(name, root):
+    """A local copy under `root` if there is one, else the Hugging Face dataset (network or its cache)."""
+    spec = BENCHMARKS[name]
+    if root:
+        for path in [os.path.join(root, name + ext) for ext in (".tsv", ".json", ".jsonl")]:
+            if os.path.isfile(path):
+                return read_local(path)
+        paths = sorted(glob.glob(os.path.join(root, name, spec["file"])))
+        if paths:
+            return [r for path in paths for r in read_local(path)]
+    import datasets
+    repo, config, splits = spec["hub"]
+    try:
+        rows = []
+        for split in splits:
+            ds = datasets.load_dataset(repo, config, split=split)
+            for column, feature in ds.features.items():  # keep images encoded until a batch needs them
+                if isinstance(feature, datasets.Image):
+                    ds = ds.cast_column(column, datasets.Image(decode=False))
+            rows += [dict(r, _key=str(i + 1), _split=split) for i, r in enumerate(ds)]
+        return rows
+    except Exception as e:
+        where = f"under {root} ({name}.tsv/.json/.jsonl or {name}/{spec['file']})" if root else "(no --bench-root)"
+        raise SystemExit(f"{name}: no local copy {where} and the hub dataset {repo} did not load: {e}") from e
+
+
+def load_benchmark(name, root=None, limit=None):
+    """The items of one benchmark ("toy": the toy test split), grouped problems kept together."""
+    if name == "toy":
+        path, image_root = toy.data_path("test")
+        records = data.load_records(path, image_root)
+        items = [dict(id=r["id"], image=r["image_path"], answer=r["gt"], type=r["kind"],
+                      prompt=r["question"].strip() + "\n" + data.TASK_INSTRUCTIONS[r["kind"]])  # as in training
+                 for r in records if r["kind"] in TOY_KINDS]
+    else:
+        items = [it for r in read_benchmark(name, root) if (it := BENCHMARKS[name]["item"](r)) is not None]
+        items.sort(key=lambda it: it.get("group", ""))  # stable: --limit takes whole seeds / problem groups
+    ids = [it["id"] for it in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{name}: duplicate item ids")
+    return items[:limit] if limit else items
+
+# ----------------------------------------------------------------------------------------
+# Generation: resumable, sharded over ranks
+
+def read_jsonl(path):
+    """Rows of a JSON Lines file; a line cut short by a kill is skipped."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return rows
+
+
+def open_image(x):
+    if isinstance(x, Image.Image):
+        return x.convert("RGB")
+    if isinstance(x, dict):  # an undecoded HF Image
+        x = x.get("bytes") or x["path"]
+    with Image.open(io.BytesIO(x) if isinstance(x, bytes) else x) as im:
+        return im.convert("RGB")
+
+
+@torch.no_grad()
+def generate_missing(model, processor, items, path, args, accelerator):
+    """Greedy responses for the items not yet in `path`, appended a batch at a time by the main
+    process. Ranks take every world-th item and run the same number of batches (each gathers)."""
+    done = {row["id"] for row in read_jsonl(path)}
+    accelerator.wait_for_everyone()  # every rank has read the file before it grows
+    todo = [it for it in items if it["id"] not in done]
+    world, bs = accelerator.num_processes, args.batch_size
+    mine = todo[accelerator.process_index::world]
+    eos = torch.tensor([processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")])
+    is_main = accelerator.is_main_process
+    with open(path, "a", encoding="utf-8") if is_main else nullcontext() as f:
+        for b in tqdm(range(math.ceil(math.ceil(len(todo) / world) / bs)), desc=os.path.basename(path),
+                      disable=args.quiet or not is_main):
+            chunk, rows = mine[b * bs:(b + 1) * bs], []
+            if chunk:
+                texts = [processor.apply_chat_template(  # the training system prompt, image before text
+                    [{"role": "system", "content": data.SYSTEM_PROMPT},
+                     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it["prompt"]}]}],
+                    tokenize=False, add_generation_prompt=True) for it in chunk]
+                batch = processor(text=texts, images=[open_image(it["image"]) for it in chunk], padding=True,
+                                  padding_side="left", return_tensors="pt").to(accelerator.device)
+                ids = data.generate(model, processor, batch, args.max_new_tokens).cpu()  # (b, T) greedy
+                stop = torch.isin(ids, eos)                                               # (b, T)
+                lengths = torch.where(stop.any(1), stop.int().argmax(1), ids.shape[1]).tolist()
+                for it, text, n, ended, (_, h, w) in zip(chunk, data.decode(processor, ids), lengths,
+                                                         stop.any(1).tolist(), batch["image_grid_thw"].tolist()):
+                    # image_size: the resized image the model saw (Qwen's 14-pixel patches), for boxes
+                    rows.append(dict(id=it["id"], response=text, length=n, truncated=not ended,
+                                     image_size=[14 * w, 14 * h]))
+            rows = gather_object(rows)
+            if is_main:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+                f.flush()
+
+
+def start_over_if_stale(model_dir, settings, accelerator):
+    """Responses from another checkpoint or other settings must not be mixed with new ones."""
+    path = os.path.join(model_dir, "generation.json")
+    if accelerator.is_main_process:
+        os.makedirs(model_dir, exist_ok=True)
+        old = (read_jsonl(path) or [None])[0]
+        if old != settings:
+            stale = glob.glob(os.path.join(model_dir, "*.jsonl"))
+            if stale:
+                print(f"{model_dir}: responses came from another checkpoint or settings; generating again")
+            for p in stale:
+                os.remove(p)
+            with open(path, "w") as f:
+                f.write(json.dumps(settings) + "\n")
+    accelerator.wait_for_everyone()
+
+# ----------------------------------------------------------------------------------------
+# Scoring and reports
+
+JUDGE_PROMPT = ("Extract the final answer from the model's response to the question below. Reply with the answer "
+                "only: the option letter(s) for a multiple-choice question, else the final value or expression. "
+                "If the response gives no answer, reply Z.\n\nQuestion: {question}\n\nModel response: {response}\n\n"
+                "Extracted answer:")
+
+
+def make_judge(url, model, key_env):
+    """judge(item, answer) -> the answer an LLM extracts, through an OpenAI-compatible chat API."""
+    key = os.environ.get(key_env)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+    def judge(item, answer):
+        body = dict(model=model, temperature=0, max_tokens=128, messages=[
+            {"role": "user", "content": JUDGE_PROMPT.format(question=item["prompt"], response=answer)}])
+        request = urllib.request.Request(url.rstrip("/") + "/chat/completions", json.dumps(body).encode(), headers)
+        for _ in range(3):
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return json.load(response)["choices"][0]["message"]["content"].strip()
+            except Exception as e:  # network, HTTP or malformed reply: retry, then keep the rules' verdict
+                error = e
+        print(f"judge failed on item {item['id']}: {error}")
+        return None
+    return judge
+
+
+def score(name, items, rows, judge=None):
+    """(summary, per-item results) of one benchmark from its generated rows {id: row}."""
+    results = []
+    for it in items:
+        row = rows[it["id"]]
+        pred = answer_text(row["response"])
+        results.append(dict(id=it["id"], answer=it["answer"], pred=pred, score=match(it, pred, row.get("image_size"))))
+    if judge:  # like VLMEvalKit: rules first, the LLM only where they did not find the right answer
+        misses = [(it, r) for it, r in zip(items, results) if r["score"] < 1]
+        with ThreadPoolExecutor(8) as pool:
+            extracted = list(pool.map(lambda m: judge(m[0], m[1]["pred"]), misses))
+        for (it, r), pred in zip(misses, extracted):
+            if pred:
+                r.update(judged=pred, score=match(it, pred, rows[it["id"]].get("image_size")))
+    scores = [r["score"] for r in results]
+    summary = dict(n=len(scores), accuracy=100 * sum(scores) / len(scores),
+                   response_length_mean=sum(rows[it["id"]]["length"] for it in items) / len(items))
+    if name == "dynamath":
+        summary.update(dynamath_scores([(it["group"], s) for it, s in zip(items, scores)]))
+    elif name == "wemath":
+        summary.update(wemath_scores([(it["group"], it["key"], s) for it, s in zip(items, scores)]))
+    elif name == "toy":  # iou's "accuracy" is the mean IoU, its training reward
+        for k in TOY_KINDS:
+            of_kind = [s for it, s in zip(items, scores) if it["type"] == k]
+            summary[k] = 100 * sum(of_kind) / len(of_kind) if of_kind else None
+    # the paper's number: DynaMath's worst case, We-Math's strict score, else the accuracy
+    summary["score"] = summary.get("worst_case", summary.get("score_strict", summary["accuracy"]))
+    return summary, results
+
+
+def title(name):
+    return "toy" if name == "toy" else BENCHMARKS[name]["title"]
+
+
+def markdown(header, rows):
+    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [header, ["---"] * len(header)] + rows)
+
+
+def make_table(summaries, benchmarks):
+    """Markdown like the paper's Table 4: a row per model; a column per benchmark (the toy: per
+    verifier kind and overall) and, for two or more real benchmarks, their average."""
+    columns = [(b, k, k) for b in benchmarks if b == "toy" for k in TOY_KINDS]
+    columns += [(b, "score", "toy overall" if b == "toy" else title(b)) for b in benchmarks]
+    real = [b for b in benchmarks if b != "toy"]
+    rows = []
+    for label, s in summaries.items():
+        cells = ["-" if s["benchmarks"][b][k] is None else f"{s['benchmarks'][b][k]:.1f}" for b, k, _ in columns]
+        average = [f"{sum(s['benchmarks'][b]['score'] for b in real) / len(real):.1f}"] if len(real) > 1 else []
+        rows.append([label] + cells + average)
+    return markdown(["model"] + [c[2] for c in columns] + (["Avg"] if len(real) > 1 else []), rows)
+
+
+def behaviour_table(summaries):
+    """Per model, over all its responses: mean length, how many hit the token cap, how many have the
+    training format (<think>...</think><answer>...</answer>), and the aha phrases."""
+    rows = []
+    for label, s in summaries.items():
+        n = s["aha"]["responses"]
+        rows.append([label, f"{s['response_length_mean']:.1f}", f"{s['truncated']}/{n}", f"{s['well_formed']}/{n}",
+                     f"{s['aha']['with_aha']}/{n}"] + [s["aha"][p] for p in AHA_PHRASES])
+    return markdown(["model", "mean length (tokens)", "truncated", "well-formed", "with aha"] + list(AHA_PHRASES), rows)
+
+# ----------------------------------------------------------------------------------------
+# Training runs: curves (paper Fig. 6) and aha phrases over steps
+
+def plot_runs(run_dirs, out_path):
+    """Reward and mean response length against step, one line per run on shared axes. A run
+    without a reward (SFT) is left out of those panels and its loss gets a panel of its own."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = {os.path.basename(os.path.normpath(d)): read_jsonl(os.path.join(d, "metrics.jsonl")) for d in run_dirs}
+    panels = [("reward_mean", "training reward (mean)"), ("response_length_mean", "response length (tokens)")]
+    no_reward = [name for name, rows in runs.items() if not any("reward_mean" in r for r in rows)]
+    if no_reward:
+        panels.append(("loss", "SFT loss (runs without a reward)"))
+    colour = {name: f"C{i}" for i, name in enumerate(runs)}  # a run keeps its colour in every panel
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (key, name_) in zip(axes[0], panels):
+        for name, rows in runs.items():
+            if key == "loss" and name not in no_reward:
+                continue  # a GRPO run's policy loss is no SFT loss
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if not points:
+                print(f"plot: {name} has no {key}; left out of the {name_!r} panel")
+                continue
+            steps, ys = zip(*points)
+            k = max(1, len(ys) // 20)  # a moving average over 5% of the run, the raw values faint behind it
+            windows = [ys[max(0, i - k + 1):i + 1] for i in range(len(ys))]
+            ax.plot(steps, ys, color=colour[name], alpha=0.25)
+            ax.plot(steps, [sum(w) / len(w) for w in windows], color=colour[name], label=name)
+        ax.set(title=name_, xlabel="step")
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
+
+
+def rollout_aha(run_dir, bins=10):
+    """Aha phrases in a GRPO run's logged rollouts, per bin of steps, with the mean response length
+    (tokens, over all samples) from its metrics.jsonl. Returns a Markdown table."""
+    rollouts = read_jsonl(os.path.join(run_dir, "rollouts.jsonl"))
+    lengths = {r["step"]: r["response_length_mean"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+               if "response_length_mean" in r}
+    steps = sorted({r["step"] for r in rollouts})
+    if not steps:
+        return f"{run_dir}: no rollouts.jsonl"
+    rows, width = [], math.ceil(len(steps) / bins)
+    for i in range(0, len(steps), width):
+        span = steps[i:i + width]
+        aha = aha_counts([r["response"] for r in rollouts if span[0] <= r["step"] <= span[-1]])
+        length = [lengths[s] for s in span if s in lengths]
+        rows.append([f"{span[0]}-{span[-1]}", f"{sum(length) / len(length):.1f}" if length else "-", aha["responses"],
+                     aha["with_aha"]] + [aha[p] for p in AHA_PHRASES])
+    return markdown(["steps", "mean length (tokens)", "rollouts logged", "with aha"] + list(AHA_PHRASES), rows)
+
+# ----------------------------------------------------------------------------------------
+
+def default_models():
+    """The toy checkpoints: the toy policy (built on first use), and out/sft, out/grpo when trained."""
+    return ["toy"] + [d for d in ("out/sft", "out/grpo") if data.resolve_checkpoint(d) != d]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:
+        p = argparse.ArgumentParser(prog="eval.py plot", description="training curves of runs (paper Fig. 6)")
+        p.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
+        p.add_argument("--out", default="out/eval/training_curves.png")
+        a = p.parse_args(argv[1:])
+        print(f"wrote {plot_runs(a.runs, a.out)}")
+        return None
+    if argv[:1] == ["aha"]:
+        p = argparse.ArgumentParser(prog="eval.py aha", description="aha phrases in GRPO rollouts over steps")
+        p.add_argument("runs", nargs="+", help="GRPO run directories holding rollouts.jsonl")
+        p.add_argument("--bins", type=int, default=10)
+        a = p.parse_args(argv[1:])
+        for run in a.runs:
+            print(f"\n{run}\n{rollout_aha(run, a.bins)}")
+        return None
+    args = parse_args(argv)
+    accelerator = Accelerator()
+    benchmarks = list(BENCHMARKS) if args.benchmarks == "all" else args.benchmarks.split(",")
+    with accelerator.main_process_first():  # the toy data is built once
+        items = {b: load_benchmark(b, args.bench_root, args.limit) for b in benchmarks}
+    judge = make_judge(args.judge_url, args.judge_model, args.judge_key_env) if args.judge_url else None
+    scoring = f"rules, then the LLM judge {args.judge_model} on misses" if judge else "rules (offline)"
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    models = [spec.rpartition("=") for spec in args.model or default_models()]  # (label, "=", path)
+    models = [(label or os.path.basename(os.path.normpath(path)), path) for label, _, path in models]
+    if len({label for label, _ in models}) < len(models):
+        raise SystemExit("two --model share a name; name them with label=path")
+    checkpoints = {}
+    for label, path in models:  # 1. generate (every rank)
+        with accelerator.main_process_first():  # the toy policy is built once
+            checkpoints[label] = checkpoint = data.resolve_checkpoint(toy.resolve_model(path))
+        config = os.path.join(checkpoint, "config.json")
+        settings = dict(checkpoint=checkpoint, saved=os.path.getmtime(config) if os.path.exists(config) else None,
+                        max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+        start_over_if_stale(os.path.join(args.output_dir, label), settings, accelerator)
+        model, processor = data.load_model(checkpoint, dtype=dtype, min_pixels=args.min_pixels,
+                                           max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
+        model.to(accelerator.device).eval()
+        for b in benchmarks:
+            generate_missing(model, processor, items[b], os.path.join(args.output_dir, label, f"{b}.jsonl"), args,
+                             accelerator)
+        del model
+    accelerator.end_training()
+    if not accelerator.is_main_process:
+        return None
+    summaries = {}
+    for label, path in models:  # 2. score (the main process alone; the other ranks are done)
+        out_dir = os.path.join(args.output_dir, label)
+        summary, responses = dict(model=path, checkpoint=checkpoints[label], scoring=scoring, benchmarks={}), []
+        for b in benchmarks:
+            rows = {row["id"]: row for row in read_jsonl(os.path.join(out_dir, f"{b}.jsonl"))}
+            summary["benchmarks"][b], results = score(b, items[b], rows, judge)
+            with open(os.path.join(out_dir, f"{b}.scores.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in results)
+            responses += [rows[it["id"]] for it in items[b]]
+        texts = [r["response"] for r in responses]
+        summary.update(response_length_mean=sum(r["length"] for r in responses) / len(responses),
+                       truncated=sum(r["truncated"] for r in responses),
+                       well_formed=sum(map(rewards.is_well_formed, texts)), aha=aha_counts(texts))
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        summaries[label] = summary
+    notes = [f"scoring: {scoring}; {', '.join(f'{title(b)} {len(items[b])} items' for b in benchmarks)}"]
+    if "toy" in benchmarks:
+        notes.append("toy: accuracy in % per verifier kind (iou: mean IoU x 100); 'open' records are skipped "
+                     "(they need a reward model)")
+    report = "\n\n".join([make_table(summaries, benchmarks), behaviour_table(summaries)] + notes)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(report + "\n")
+    print(report)
+    return summaries
+
+if __name__ == "__main__":
+    main()
