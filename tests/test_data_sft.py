@@ -1,0 +1,225 @@
+"""The foundation: the toy world, record loading and validation, prompts and label masks,
+checkpoints through the Auto classes, and sft.py (smoke, two ranks, resume)."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import sft
+import toy
+from conftest import read_jsonl, run_two_ranks
+
+
+# ---------------------------------------------------------------------------- the toy world
+
+def test_toy_data_is_deterministic_and_in_the_vlaa_schema(tmp_path):
+    a = toy.make_records("rl", 40, seed=7, image_root=str(tmp_path / "a"))
+    b = toy.make_records("rl", 40, seed=7, image_root=str(tmp_path / "b"))
+    assert a == b
+    assert open(tmp_path / "a" / a[5]["image"], "rb").read() == open(tmp_path / "b" / b[5]["image"], "rb").read()
+    for r in a:
+        assert {"id", "image", "question", "gt", "verifier_type"} <= set(r)
+        assert r["answer"].startswith("<think>") and r["answer"].endswith("</answer>")
+    path, root = toy.data_path("sft")
+    records = read_jsonl(path)
+    assert {r["verifier_type"] for r in records} == {"digit", "mcq", "math", "iou", "open"}
+    assert all("wait" in r["answer_pseudo"].lower() or "check" in r["answer_pseudo"].lower() for r in records[:50])
+    assert sum(len(r["answer_pseudo"]) for r in records) > 3 * sum(len(r["answer"]) for r in records)
+
+
+def test_toy_answers_are_correct_under_the_reward():
+    """The concise SFT traces are right answers: every verifier gives them full reward."""
+    import rewards
+    path, _ = toy.data_path("test")
+    records = [r for r in read_jsonl(path) if r["verifier_type"] != "open"][:200]
+    scores = rewards.reward_batch([r["answer"] for r in records], [r["gt"] for r in records],
+                                  [r["verifier_type"] for r in records],
+                                  [{"image_size": (toy.IMAGE_SIZE, toy.IMAGE_SIZE)}] * len(records))
+    assert min(scores) > 0.99
+
+
+def test_model_and_processor_round_trip_through_auto_classes(base_model, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained(base_model)
+    processor = AutoProcessor.from_pretrained(base_model)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model2 = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    processor2 = AutoProcessor.from_pretrained(tmp_path)
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    record = data.load_records(*toy.data_path("test"), limit=1)[0]
+    a, b = data.encode_prompts(processor, [record]), data.encode_prompts(processor2, [record])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert int((a["input_ids"] == processor.image_token_id).sum()) == 16  # 112x112 -> 16 merged tokens
+    with torch.no_grad():
+        assert torch.equal(model(**a).logits, model2(**b).logits)
+
+
+def test_qwen2_vl_toy_builds_and_runs(tmp_path):
+    path = toy.base_model_path("qwen2_vl")
+    model, processor = data.load_model(path)
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    batch = data.encode_prompts(processor, data.load_records(*toy.data_path("test"), limit=2))
+    ids = data.generate(model, processor, batch, max_new_tokens=4)
+    assert ids.shape[0] == 2
+
+
+# ---------------------------------------------------------------------------- loading and validation
+
+def write_records(tmp_path, records, array=False, name="d.json"):
+    path = tmp_path / name
+    with open(path, "w") as f:
+        if array:
+            json.dump(records, f)
+        else:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(path)
+
+
+@pytest.fixture
+def image_root(tmp_path):
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (123, 117, 104)).save(root / "sub" / "ok.png")
+    (root / "sub" / "broken.png").write_bytes(b"not a png at all")
+    return str(root)
+
+
+GOOD = {"id": "clevr_math-1", "image": "sub/ok.png", "question": "How many?", "gt": 3}
+
+
+def test_json_array_and_json_lines_and_leading_slash(tmp_path, image_root):
+    records = [GOOD, {**GOOD, "id": "synthesis-2", "image": "/sub/ok.png", "gt": "\\frac{1}{2}"}]
+    for array in (True, False):
+        loaded = data.load_records(write_records(tmp_path, records, array), image_root)
+        assert [r["kind"] for r in loaded] == ["digit", "math"]
+        assert all(os.path.isfile(r["image_path"]) for r in loaded)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"image": "sub/missing.png"}, "image not found"),
+    ({"image": "sub/broken.png"}, "unreadable image"),
+    ({"image": None}, "missing 'image'"),
+    ({"question": "  "}, "missing or empty 'question'"),
+    ({"gt": None}, "missing ground truth"),
+    ({"id": "mystery-9"}, "no verifier"),
+    ({"verifier_type": "poetry"}, "unknown verifier_type"),
+])
+def test_every_bad_record_is_named_with_its_file_and_reason(tmp_path, image_root, bad, message):
+    record = {**GOOD, "id": "clevr_math-bad", **bad}
+    path = write_records(tmp_path, [GOOD, record])
+    with pytest.raises(ValueError) as e:
+        data.load_records(path, image_root)
+    assert message in str(e.value) and path in str(e.value) and record["id"] in str(e.value)
+
+
+def test_skip_bad_counts_and_keeps_the_good(tmp_path, image_root, capsys):
+    records = [GOOD, {**GOOD, "id": "clevr_math-2", "image": "sub/missing.png"},
+               {**GOOD, "id": "clevr_math-3", "gt": None}, {**GOOD, "id": "clevr_math-4"}]
+    loaded = data.load_records(write_records(tmp_path, records), image_root, skip_bad=True)
+    assert [r["id"] for r in loaded] == ["clevr_math-1", "clevr_math-4"]
+    assert "skipped 2 bad records of 4" in capsys.readouterr().out
+
+
+def test_invalid_json_line_and_missing_sft_answer(tmp_path, image_root):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n{not json\n")
+    with pytest.raises(ValueError, match="broken.jsonl:2"):
+        data.load_records(str(path), image_root)
+    with pytest.raises(ValueError, match="missing 'answer'"):
+        data.load_records(write_records(tmp_path, [GOOD]), image_root, need_answer=True)
+
+
+# ---------------------------------------------------------------------------- prompts and labels
+
+def test_prompt_has_system_prompt_then_image_then_question(base_model):
+    _, processor = data.load_model(base_model)
+    record = data.load_records(*toy.data_path("test"), limit=1)[0]
+    text = data.prompt_text(processor, record)
+    assert text.index(data.SYSTEM_PROMPT) < text.index("<|vision_start|>") < text.index(record["question"])
+    assert text.endswith("<|im_start|>assistant\n")
+    assert data.TASK_INSTRUCTIONS[record["kind"]] in text
+
+
+def test_sft_labels_are_exactly_the_answer_and_end_of_turn(base_model):
+    _, processor = data.load_model(base_model)
+    records = data.load_records(*toy.data_path("sft"), need_answer=True, limit=6)
+    batch = data.encode_sft(processor, records)
+    for i, r in enumerate(records):
+        kept = batch["input_ids"][i][batch["labels"][i] != -100]
+        assert processor.tokenizer.decode(kept) == r["answer"] + "<|im_end|>"
+        # the unmasked tokens are the last real tokens of the row: nothing of the prompt is trained
+        real = int(batch["attention_mask"][i].sum())
+        assert (batch["labels"][i][:real - len(kept)] == -100).all()
+    assert (batch["mm_token_type_ids"] == 1).sum() == (batch["input_ids"] == processor.image_token_id).sum()
+
+
+def test_max_length_cuts_the_answer_never_the_prompt(base_model):
+    _, processor = data.load_model(base_model)
+    records = data.load_records(*toy.data_path("sft"), need_answer=True, limit=2)
+    full = data.encode_sft(processor, records)
+    prompt_len = int((full["labels"][0] == -100).sum() - (full["attention_mask"][0] == 0).sum())
+    cut = data.encode_sft(processor, records, max_length=prompt_len + 3)
+    assert int((cut["labels"][0] != -100).sum()) == 3
+    with pytest.raises(ValueError, match="the prompt alone"):
+        data.encode_sft(processor, records, max_length=prompt_len - 5)
+
+
+# ---------------------------------------------------------------------------- sft.py
+
+SFT_SMALL = ["--model", "toy-base", "--train-vision", "--batch-size", "16", "--micro-batch-size", "8",
+             "--lr", "1e-3", "--kinds", "digit,mcq", "--quiet"]
+
+
+def test_sft_smoke_loss_falls_and_checkpoint_loads(tmp_path):
+    out = str(tmp_path / "sft")
+    sft.main([*SFT_SMALL, "--max-steps", "25", "--output-dir", out])
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert len(rows) == 25 and {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0])
+    first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < 0.6 * first, (first, last)
+    ckpt = data.resolve_checkpoint(out)
+    assert ckpt.endswith("checkpoint-25")
+    config = json.load(open(os.path.join(ckpt, "config.json")))
+    assert config["text_config"]["use_cache"] is True
+    model, _ = data.load_model(out)  # a run directory loads like a model directory
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_sft_gradient_checkpointing_saves_use_cache_true(tmp_path):
+    out = str(tmp_path / "gc")
+    sft.main([*SFT_SMALL, "--max-steps", "1", "--gradient-checkpointing", "--output-dir", out])
+    config = json.load(open(os.path.join(data.resolve_checkpoint(out), "config.json")))
+    assert config["text_config"]["use_cache"] is True  # PITFALLS 9
+
+
+def test_sft_resume_gives_the_same_next_losses(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    args = [*SFT_SMALL, "--max-steps", "6", "--save-every", "3"]
+    sft.main([*args, "--output-dir", full])
+    # A run stopped right after its step-3 checkpoint: what a kill at step 4 or 5 leaves.
+    sft.main([*args, "--output-dir", part])
+    shutil.rmtree(os.path.join(part, "checkpoint-6"))
+    with open(os.path.join(part, "latest"), "w") as f:
+        f.write("checkpoint-3")
+    lines = open(os.path.join(part, "metrics.jsonl")).readlines()[:3]
+    open(os.path.join(part, "metrics.jsonl"), "w").writelines(lines)
+    sft.main([*args, "--output-dir", part, "--resume"])
+    a, b = read_jsonl(os.path.join(full, "metrics.jsonl")), read_jsonl(os.path.join(part, "metrics.jsonl"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a[3:], b[3:]):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6) and x["lr"] == y["lr"]
+
+
+def test_sft_two_cpu_ranks_end_with_identical_weights(tmp_path):
+    out = str(tmp_path / "ddp")
+    run_two_ranks("sft.py", *SFT_SMALL, "--max-steps", "3", "--output-dir", out)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["ranks"] == 2 and summary["weights_in_sync"] is True
+    assert len(read_jsonl(os.path.join(out, "metrics.jsonl"))) == 3
