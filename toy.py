@@ -34,7 +34,7 @@ import sys
 from PIL import Image, ImageDraw
 
 TOY_DIR = os.environ.get("VLAA_TOY_DIR", os.path.join("out", "toy"))
-VERSION = 4  # bump when the toy world or model changes; invalidates the cache
+VERSION = 5  # bump when the toy world or model changes; invalidates the cache
 
 IMAGE_SIZE = 112  # 112x112 -> 8x8 patches of 14 -> 16 image tokens after the 2x2 merge
 GRID = 4  # objects are placed on a 4x4 grid of cells, one vision token each
@@ -44,7 +44,7 @@ BACKGROUND = (123, 117, 104)
 COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30)}
 SHAPES = ("circle", "square", "triangle")
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five"]
-SPLIT_SIZES = {"sft": 4000, "rl": 4000, "test": 600}
+SPLIT_SIZES = {"sft": 4000, "rl": 4000, "test": 1500}
 SPLIT_SEEDS = {"sft": 1, "rl": 2, "test": 3}
 # Source prefixes used by the real VLAA-Thinking ids, so rewards.verifier_for routes by id too.
 SOURCE = {"digit": "clevr_math", "mcq": "geoqa170k", "math": "synthesis", "iou": "coco", "open": "allava"}

@@ -27,7 +27,7 @@ def test_toy_data_is_deterministic_and_in_the_vlaa_schema(tmp_path):
     path, root = toy.data_path("sft")
     records = read_jsonl(path)
     assert {r["verifier_type"] for r in records} == {"digit", "mcq", "math", "iou", "open"}
-    assert all("wait" in r["answer_pseudo"].lower() or "check" in r["answer_pseudo"].lower() for r in records[:50])
+    assert all(data.has_aha(r["answer_pseudo"]) and not data.has_aha(r["answer"]) for r in records[:50])
     assert sum(len(r["answer_pseudo"]) for r in records) > 3 * sum(len(r["answer"]) for r in records)
 
 
@@ -39,7 +39,8 @@ def test_toy_answers_are_correct_under_the_reward():
     scores = rewards.reward_batch([r["answer"] for r in records], [r["gt"] for r in records],
                                   [r["verifier_type"] for r in records],
                                   [{"image_size": (toy.IMAGE_SIZE, toy.IMAGE_SIZE)}] * len(records))
-    assert min(scores) > 0.99
+    # exact for 0/1 verifiers; boxes lose a little IoU to the gt's 2-decimal normalised rounding
+    assert all(s == 1.0 if r["verifier_type"] != "iou" else s > 0.85 for s, r in zip(scores, records))
 
 
 def test_model_and_processor_round_trip_through_auto_classes(base_model, tmp_path):
@@ -162,7 +163,7 @@ def test_sft_labels_are_exactly_the_answer_and_end_of_turn(base_model):
 
 def test_max_length_cuts_the_answer_never_the_prompt(base_model):
     _, processor = data.load_model(base_model)
-    records = data.load_records(*toy.data_path("sft"), need_answer=True, limit=2)
+    records = data.load_records(*toy.data_path("sft"), need_answer=True, limit=1)
     full = data.encode_sft(processor, records)
     prompt_len = int((full["labels"][0] == -100).sum() - (full["attention_mask"][0] == 0).sum())
     cut = data.encode_sft(processor, records, max_length=prompt_len + 3)

@@ -238,6 +238,32 @@ def test_a_nan_loss_is_skipped_and_counted(tmp_path, monkeypatch):
     assert changed  # the first update was applied, the NaN one was not
 
 
+@pytest.mark.parametrize("extra, loads, forwards", [
+    ([], 1, 4),                                                 # 1 update/step, no KL: training forwards only
+    (["--train-batch-size", "8"], 1, 8),                        # 2 updates/step: + the old-policy forward
+    (["--kl-coef", "0.01"], 2, 8),                              # KL: a reference model and its forward
+])
+def test_extra_forwards_only_when_needed(tmp_path, monkeypatch, extra, loads, forwards):
+    """PITFALLS 12: no old-log-prob forward when the ratio is provably 1, no reference model at KL 0."""
+    counts = {"load": 0, "fwd": 0}
+    real_load, real_fwd = data.load_model, grpo.token_logprobs
+
+    def load(*a, **k):
+        counts["load"] += 1
+        return real_load(*a, **k)
+
+    def fwd(*a, **k):
+        counts["fwd"] += 1
+        return real_fwd(*a, **k)
+
+    monkeypatch.setattr(data, "load_model", load)
+    monkeypatch.setattr(grpo, "token_logprobs", fwd)
+    args = [*GRPO_SMALL, "--max-steps", "2", "--train-batch-size", "16", "--kl-coef", "0", "--save-every", "0"]
+    grpo.main([*args, *extra, "--output-dir", str(tmp_path / "g")])
+    # 16 samples per step in micro-batches of 4: 4 forwards per pass over the step's samples, 2 steps
+    assert counts["load"] == loads and counts["fwd"] == 2 * forwards
+
+
 def test_resume_reproduces_the_next_steps(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     args = [*GRPO_SMALL, "--max-steps", "4", "--save-every", "2"]
@@ -272,4 +298,4 @@ def test_toy_goal(tmp_path):
     grpo.main(["--output-dir", out, "--quiet"])
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["reward_last_10pct"] - s["reward_first_10pct"] >= 0.1
-    assert s["eval_end"] - s["eval_start"] >= 0.1
+    assert s["eval_end"]["all"] - s["eval_start"]["all"] >= 0.1
