@@ -363,6 +363,18 @@ def weights_fingerprint(accelerator, model):
     return accelerator.gather(total.reshape(1).to(accelerator.device)).tolist()
 
 
+def clip_and_step(accelerator, optimizer, params, max_norm=1.0):
+    """Clip gradients (not in the paper: at 1.0) and step, unless the norm is NaN/inf: such an
+    update is never applied. The norm comes from all-reduced gradients, so every rank takes the
+    same decision. Returns (grad_norm, applied)."""
+    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+    applied = bool(torch.isfinite(grad_norm))
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), applied
+
+
 def cosine_lr(step, total, warmup_ratio, peak, floor):
     """Linear warmup over warmup_ratio*total steps, then cosine from peak down to floor."""
     warmup = max(1, math.ceil(warmup_ratio * total))

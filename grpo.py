@@ -455,15 +455,9 @@ def main(argv=None):
                     losses.append(loss.item())
                     clip_fracs.append(clip_frac.item())
                     kls.append(aggregate(kl, mask, "seq", 1).item() if use_kl else 0.0)
-                grad_norm = accelerator.clip_grad_norm_(params, 1.0)  # not in the paper: clip at 1.0
-                # A NaN/inf loss or gradient is never applied. Gradients are all-reduced before
-                # the norm, so every rank sees the same norm and skips together.
-                if torch.isfinite(grad_norm):
-                    optimizer.step()
-                else:
-                    skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                grad_norms.append(float(grad_norm))
+                grad_norm, applied = data.clip_and_step(accelerator, optimizer, params)  # NaN/inf: skipped
+                skipped += not applied
+                grad_norms.append(grad_norm)
 
         # ---- metrics: sums over this rank, all-reduced into means over the global step
         train_stats = accelerator.reduce(torch.tensor([sum(losses) / len(losses), sum(kls) / len(kls),

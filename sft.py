@@ -159,14 +159,8 @@ def main(argv=None):
                 loss = model(**batch).loss  # mean cross-entropy over this micro-batch's answer tokens
                 accelerator.backward(loss / accum)
             loss_sum += loss.detach() / accum
-        grad_norm = accelerator.clip_grad_norm_(params, 1.0)  # not in the paper: clip at 1.0
-        # A NaN/inf gradient is never applied. The norm is computed from all-reduced
-        # gradients, so every rank takes the same decision.
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-        else:
-            skipped += 1
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, applied = data.clip_and_step(accelerator, optimizer, params)  # NaN/inf: skipped
+        skipped += not applied
 
         loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
         first_loss = loss_value if first_loss is None else first_loss

@@ -2,6 +2,7 @@
 under out/toy, like the scripts), never mocks of the model or the trainer."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -53,3 +54,13 @@ def run_two_ranks(script, *args, timeout=600):
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out
+
+
+def rewind_run(run_dir, step, last_step):
+    """Make a finished run look like one killed right after its step-`step` checkpoint:
+    drop the final checkpoint, point `latest` back, and forget the later metrics lines."""
+    shutil.rmtree(os.path.join(run_dir, f"checkpoint-{last_step}"))
+    with open(os.path.join(run_dir, "latest"), "w") as f:
+        f.write(f"checkpoint-{step}")
+    lines = open(os.path.join(run_dir, "metrics.jsonl")).readlines()[:step]
+    open(os.path.join(run_dir, "metrics.jsonl"), "w").writelines(lines)

@@ -2,7 +2,6 @@
 checkpoints through the Auto classes, and sft.py (smoke, two ranks, resume)."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from PIL import Image
 import data
 import sft
 import toy
-from conftest import read_jsonl, run_two_ranks
+from conftest import read_jsonl, rewind_run, run_two_ranks
 
 
 # ---------------------------------------------------------------------------- the toy world
@@ -206,11 +205,7 @@ def test_sft_resume_gives_the_same_next_losses(tmp_path):
     sft.main([*args, "--output-dir", full])
     # A run stopped right after its step-3 checkpoint: what a kill at step 4 or 5 leaves.
     sft.main([*args, "--output-dir", part])
-    shutil.rmtree(os.path.join(part, "checkpoint-6"))
-    with open(os.path.join(part, "latest"), "w") as f:
-        f.write("checkpoint-3")
-    lines = open(os.path.join(part, "metrics.jsonl")).readlines()[:3]
-    open(os.path.join(part, "metrics.jsonl"), "w").writelines(lines)
+    rewind_run(part, 3, 6)
     sft.main([*args, "--output-dir", part, "--resume"])
     a, b = read_jsonl(os.path.join(full, "metrics.jsonl")), read_jsonl(os.path.join(part, "metrics.jsonl"))
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
