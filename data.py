@@ -118,8 +118,16 @@ def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_b
 
     A bad record raises a ValueError naming the file, the record id and what is wrong; with
     skip_bad=True it is counted, skipped, and the counts are printed. `kinds` keeps only
-    those verifier kinds (e.g. {"digit", "mcq"})."""
+    those verifier kinds (e.g. {"digit", "mcq"}); `limit` the first N records of those kinds."""
     raw = read_json_records(data) if os.path.exists(data) else read_hub_records(data)
+    if kinds is not None:  # before `limit`, so that limit counts records of the wanted kinds
+
+        def wanted(r):
+            try:
+                return rewards.verifier_for(r) in kinds
+            except (ValueError, TypeError, AttributeError):
+                return True  # unroutable: check_record below names what is wrong
+        raw = [r for r in raw if wanted(r)]
     if limit:
         raw = raw[:limit]
 

@@ -278,23 +278,27 @@ def reward_context(processor, prompt, scorer, beta):
 
 
 @torch.no_grad()
-def evaluate(model, processor, records, accelerator, args):
+def evaluate(model, processor, records, accelerator, args, synced_gpus=False):
     """Greedy mean reward on held-out records (= accuracy for 0/1 verifiers), sharded over ranks.
-    Returns {"all": mean, "<kind>": mean per verifier kind}."""
-    mine = records[accelerator.process_index::accelerator.num_processes]
+    Returns {"all": mean, "<kind>": mean per verifier kind}. Under FSDP every rank must call
+    generate() equally often, so short shards are topped up with records that count 0 (PITFALLS 10)."""
+    world = accelerator.num_processes
+    mine = [(r, 1.0) for r in records[accelerator.process_index::world]]
+    mine += [(records[0], 0.0)] * (-(-len(records) // world) - len(mine))
     kinds = sorted({r["kind"] for r in records})
     sums = torch.zeros(len(kinds) + 1, 2, device=accelerator.device)    # (kinds + all, [reward, count])
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     for start in range(0, len(mine), args.gen_batch_size):
-        chunk = mine[start:start + args.gen_batch_size]
+        chunk, weights = zip(*mine[start:start + args.gen_batch_size])
         batch = {k: v.to(accelerator.device) for k, v in data.encode_prompts(processor, chunk).items()}
-        texts = data.decode(processor, data.generate(unwrapped, processor, batch, args.max_new_tokens))
+        texts = data.decode(processor, data.generate(unwrapped, processor, batch, args.max_new_tokens,
+                                                     synced_gpus=synced_gpus))
         contexts = [{"image_size": image_size(processor, g)} for g in batch["image_grid_thw"]]
         scores = rewards.reward_batch(texts, [r["gt"] for r in chunk], [r["kind"] for r in chunk], contexts)
-        for r, score in zip(chunk, scores):
+        for r, w, score in zip(chunk, weights, scores):
             for row in (kinds.index(r["kind"]), len(kinds)):
-                sums[row] += torch.tensor([score, 1.0], device=accelerator.device)
+                sums[row] += torch.tensor([w * score, w], device=accelerator.device)
     unwrapped.train()
     sums = accelerator.reduce(sums, reduction="sum").tolist()
     return {name: s / max(n, 1) for name, (s, n) in zip(kinds + ["all"], sums)}
@@ -375,7 +379,7 @@ def main(argv=None):
     rollouts_file = open(os.path.join(args.output_dir, "rollouts.jsonl"), "a") if main_proc else None
     eos = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
-    eval_start = evaluate(model, processor, eval_records, accelerator, args) if eval_records and start_step == 0 else None
+    eval_start = evaluate(model, processor, eval_records, accelerator, args, synced_gpus) if eval_records and start_step == 0 else None
     if main_proc and eval_start is not None and not args.quiet:
         print(f"held-out greedy accuracy before GRPO: {eval_start['all']:.3f} ({len(eval_records)} records)")
     bar = tqdm(total=total_steps, initial=start_step, disable=args.quiet or not main_proc, desc="grpo", dynamic_ncols=True)
@@ -484,7 +488,7 @@ def main(argv=None):
             data.save_checkpoint(accelerator, model, processor, args.output_dir, step + 1, state)
     bar.close()
     data.save_checkpoint(accelerator, model, processor, args.output_dir, total_steps, dict(kl_coef=kl_coef, skipped_updates=skipped))
-    eval_end = evaluate(model, processor, eval_records, accelerator, args) if eval_records else None
+    eval_end = evaluate(model, processor, eval_records, accelerator, args, synced_gpus) if eval_records else None
     in_sync = len(set(data.weights_fingerprint(accelerator, model))) == 1
     if main_proc:
         metrics_file.close()

@@ -279,9 +279,13 @@ def test_resume_reproduces_the_next_steps(tmp_path):
 
 def test_two_cpu_ranks_keep_identical_weights(tmp_path):
     out = str(tmp_path / "ddp")
-    run_two_ranks("grpo.py", *GRPO_SMALL, "--max-steps", "2", "--output-dir", out)
+    # 5 held-out records over 2 ranks: one rank's shard is topped up with a record that counts 0
+    run_two_ranks("grpo.py", *GRPO_SMALL, "--max-steps", "2", "--output-dir", out, "--kinds", "digit,mcq", "--model", "toy",
+                  "--eval-data", "toy", "--eval-limit", "5")
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["ranks"] == 2 and summary["weights_in_sync"] is True
+    for accuracy in (summary["eval_start"]["all"], summary["eval_end"]["all"]):
+        assert 0 < accuracy and (accuracy * 5) == pytest.approx(round(accuracy * 5))  # k/5, not k/6
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert len(rows) == 2 and rows[0]["frac_zero_std"] <= 1.0
 
