@@ -370,16 +370,18 @@ def main(argv=None):
     total_steps = args.max_steps or steps_per_epoch  # paper: one pass over the 25K RL split = 49 steps
     updates_per_step = args.epochs * samples_per_step // args.train_batch_size
     need_old_logprobs = updates_per_step > 1  # with one update the ratio is exactly 1 (PITFALLS 12)
-    kl_coef, start_step, skipped = args.kl_coef, 0, 0
+    kl_coef, start_step, skipped, eval_start = args.kl_coef, 0, 0, None
     if args.resume and (state := data.load_train_state(accelerator, args.output_dir)):
         start_step, kl_coef, skipped = state["step"], state["kl_coef"], state["skipped_updates"]
+        eval_start = state.get("eval_start")
     os.makedirs(args.output_dir, exist_ok=True)
     main_proc = accelerator.is_main_process
     metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if main_proc else None
     rollouts_file = open(os.path.join(args.output_dir, "rollouts.jsonl"), "a") if main_proc else None
     eos = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
-    eval_start = evaluate(model, processor, eval_records, accelerator, args, synced_gpus) if eval_records and start_step == 0 else None
+    if eval_records and start_step == 0:
+        eval_start = evaluate(model, processor, eval_records, accelerator, args, synced_gpus)
     if main_proc and eval_start is not None and not args.quiet:
         print(f"held-out greedy accuracy before GRPO: {eval_start['all']:.3f} ({len(eval_records)} records)")
     bar = tqdm(total=total_steps, initial=start_step, disable=args.quiet or not main_proc, desc="grpo", dynamic_ncols=True)
@@ -483,11 +485,12 @@ def main(argv=None):
             rollouts_file.flush()
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
         bar.update(1)
-        state = dict(kl_coef=kl_coef, skipped_updates=skipped)
+        state = dict(kl_coef=kl_coef, skipped_updates=skipped, eval_start=eval_start)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             data.save_checkpoint(accelerator, model, processor, args.output_dir, step + 1, state)
     bar.close()
-    data.save_checkpoint(accelerator, model, processor, args.output_dir, total_steps, dict(kl_coef=kl_coef, skipped_updates=skipped))
+    data.save_checkpoint(accelerator, model, processor, args.output_dir, total_steps,
+                         dict(kl_coef=kl_coef, skipped_updates=skipped, eval_start=eval_start))
     eval_end = evaluate(model, processor, eval_records, accelerator, args, synced_gpus) if eval_records else None
     in_sync = len(set(data.weights_fingerprint(accelerator, model))) == 1
     if main_proc:
