@@ -1,6 +1,7 @@
-"""Tests for eval.py: the answer rule and matching, each benchmark loader on fixtures in its real
-schema (tests/fixtures), DynaMath worst case and We-Math strict on hand-built and real vectors,
-the tables, resumable generation with a tiny model, the LLM judge, and the training plots."""
+"""Tests for eval.py and benchmarks.py: the answer rule and matching, each benchmark loader on
+fixtures in its real schema (tests/fixtures), DynaMath worst case and We-Math strict on hand-built
+and real vectors, the tables, resumable generation with a tiny model, the LLM judge, and the
+training plots."""
 import csv
 import http.server
 import io
@@ -15,6 +16,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import benchmarks as bm  # noqa: E402
 import eval as ev  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -31,7 +33,7 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared", "benchmarks")  # real tes
     ("  <answer>3", "<answer>3"),                            # unclosed: the whole, stripped
 ])
 def test_answer_text_is_the_authors_rule(response, expected):
-    assert ev.answer_text(response) == expected
+    assert bm.answer_text(response) == expected
 
 
 CHOICES = {"A": "97", "B": "102", "C": "107", "D": "122"}
@@ -78,19 +80,19 @@ CHOICES = {"A": "97", "B": "102", "C": "107", "D": "122"}
     (dict(type="math", answer="\\frac{5}{2}"), "2.5", 1.0),
 ])
 def test_match(item, pred, expected):
-    assert ev.match(item, pred) == expected
+    assert bm.match(item, pred) == expected
 
 
 def test_iou_uses_the_image_size_the_model_saw():
     item = dict(type="iou", answer=[0.0, 0.0, 0.5, 0.5])
-    assert ev.match(item, "[0, 0, 56, 56]", image_size=(112, 112)) == 1.0
-    assert ev.match(item, "[0, 0, 56, 56]", image_size=(224, 224)) == pytest.approx(0.25)
+    assert bm.match(item, "[0, 0, 56, 56]", image_size=(112, 112)) == 1.0
+    assert bm.match(item, "[0, 0, 56, 56]", image_size=(224, 224)) == pytest.approx(0.25)
 
 
 def test_parse_choices():
-    assert ev.parse_choices("Is A greater than B? Choices: (A) yes (B) no") == {"A": "yes", "B": "no"}
-    assert ev.parse_choices("angle CED is ()\nChoices:\nA:40°\nB:60°") == {"A": "40°", "B": "60°"}
-    assert ev.parse_choices("no options") == {}
+    assert bm.parse_choices("Is A greater than B? Choices: (A) yes (B) no") == {"A": "yes", "B": "no"}
+    assert bm.parse_choices("angle CED is ()\nChoices:\nA:40°\nB:60°") == {"A": "40°", "B": "60°"}
+    assert bm.parse_choices("no options") == {}
 
 # ----------------------------------------------------------------------------- loaders on fixtures in each real schema
 
@@ -107,7 +109,7 @@ EXPECTED = {  # benchmark: (item count, {id: (type, answer)})
 }
 
 
-@pytest.mark.parametrize("name", list(ev.BENCHMARKS))
+@pytest.mark.parametrize("name", list(bm.BENCHMARKS))
 def test_loader_reads_its_real_schema(name):
     items = ev.load_benchmark(name, BENCH)
     count, facts = EXPECTED[name]
@@ -196,7 +198,7 @@ def test_dynamath_worst_case_on_a_hand_built_table():
     rows = [("1", 1.0), ("1", 1.0), ("1", 1.0),   # all variants right: counts
             ("2", 1.0), ("2", 0.0), ("2", 1.0),   # one wrong: the seed fails
             ("3", 0.0), ("3", 0.0), ("3", 0.0)]
-    assert ev.dynamath_scores(rows) == pytest.approx(dict(worst_case=100 / 3, average=500 / 9))
+    assert bm.dynamath_scores(rows) == pytest.approx(dict(worst_case=100 / 3, average=500 / 9))
 
 
 def test_wemath_strict_on_hand_built_groups():
@@ -207,7 +209,7 @@ def test_wemath_strict_on_hand_built_groups():
             ("g4", "2steps_1", 0), ("g4", "2steps_2", 0), ("g4", "2steps_multi", 0),   # IK
             ("g5", "2steps_1", 0), ("g5", "2steps_2", 0), ("g5", "2steps_multi", 1),   # RM strict and loose
             ("g6", "2steps_1", 1)]                                                      # incomplete: denominator only
-    s = ev.wemath_scores(rows)
+    s = bm.wemath_scores(rows)
     assert (s["IK"], s["IG"], s["CM_strict"], s["RM_strict"], s["CM_loose"], s["RM_loose"]) == (1, 1, 1, 2, 2, 1)
     assert s["score_strict"] == pytest.approx(100 * (6 - 0.5 - 2 - 1) / 6)
     assert s["score_loose"] == pytest.approx(100 * (6 - 0.5 - 1 - 1) / 6)
@@ -239,8 +241,8 @@ def test_scores_of_fixture_responses():
 def test_wemath_real_vector():
     """The benchmarks README: hit = (question number * 7919) % 11 < 7 on the real testmini gives
     IK 93, IG 97, CM 137, RM 198, Score (Strict) 35.33%, Score (Loose) 66.76%."""
-    items = [ev.wemath_item(r) for r in ev.read_local(os.path.join(SHARED, "wemath_testmini.json"))]
-    s = ev.wemath_scores([(it["group"], it["key"], float(int(it["id"]) * 7919 % 11 < 7)) for it in items])
+    items = [bm.wemath_item(r) for r in bm.read_local(os.path.join(SHARED, "wemath_testmini.json"))]
+    s = bm.wemath_scores([(it["group"], it["key"], float(int(it["id"]) * 7919 % 11 < 7)) for it in items])
     assert (s["groups"], s["IK"], s["IG"], s["CM_strict"], s["RM_strict"], s["CM_loose"], s["RM_loose"]) == \
         (525, 93, 97, 137, 198, 302, 33)
     assert (round(s["score_strict"], 2), round(s["score_loose"], 2)) == (35.33, 66.76)
@@ -251,7 +253,7 @@ def test_dynamath_real_vector():
     """DynaMath's published GPT-4o results: 3,173/5,010 variants right (63.33%), 174/501 seeds (34.73%)."""
     with open(os.path.join(SHARED, "dynamath_GPT4o-result.csv")) as f:
         seeds = [r for r in csv.DictReader(f) if r["Question ID"].startswith("Q")]  # not the summary rows
-    s = ev.dynamath_scores([(r["Question ID"], float(r[f"Variant {k}"] == "correct"))
+    s = bm.dynamath_scores([(r["Question ID"], float(r[f"Variant {k}"] == "correct"))
                             for r in seeds for k in range(1, 11)])
     assert len(seeds) == 501
     assert (round(s["worst_case"], 2), round(s["average"], 2)) == (34.73, 63.33)
@@ -305,7 +307,7 @@ def test_generation_resumes_and_restarts_on_new_settings(tmp_path, monkeypatch):
 def test_all_six_benchmarks_end_to_end(tmp_path):
     root = tmp_path / "benchmarks"
     shutil.copytree(BENCH, root)
-    for name in ev.BENCHMARKS:  # tiny images where each record's image path points
+    for name in bm.BENCHMARKS:  # tiny images where each record's image path points
         for it in ev.load_benchmark(name, str(root)):
             os.makedirs(os.path.dirname(it["image"]), exist_ok=True)
             Image.new("RGB", (40, 30), (90, 120, 200)).save(it["image"])
@@ -313,7 +315,7 @@ def test_all_six_benchmarks_end_to_end(tmp_path):
     summaries = ev.main(["--model", "base=toy-base", "--benchmarks", "all", "--bench-root", str(root),
                          "--output-dir", str(out), "--max-new-tokens", "4", "--batch-size", "8", "--quiet"])
     results = summaries["base"]["benchmarks"]
-    assert list(results) == list(ev.BENCHMARKS) and summaries["base"]["scoring"] == "rules (offline)"
+    assert list(results) == list(bm.BENCHMARKS) and summaries["base"]["scoring"] == "rules (offline)"
     assert results["dynamath"]["score"] == results["dynamath"]["worst_case"] and "score_strict" in results["wemath"]
     assert all(0 <= r["score"] <= 100 and r["n"] == EXPECTED[b][0] for b, r in results.items())
     table = (out / "results.md").read_text()
@@ -343,7 +345,7 @@ def test_judge_extracts_what_the_rules_miss(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("MY_JUDGE_KEY", "secret")
-        judge = ev.make_judge(f"http://127.0.0.1:{server.server_port}/v1", "judge-model", "MY_JUDGE_KEY")
+        judge = bm.make_judge(f"http://127.0.0.1:{server.server_port}/v1", "judge-model", "MY_JUDGE_KEY")
         items = [dict(id="1", type="choice", choices=CHOICES, answer="C", prompt="Find the angle."),
                  dict(id="2", type="choice", choices=CHOICES, answer="A", prompt="Find the angle.")]
         rows = {"1": dict(response=response("the third one"), length=3), "2": dict(response=response("A"), length=1)}
