@@ -111,12 +111,14 @@ def main(argv=None):
                          f"{world} processes x --micro-batch-size {args.micro_batch_size}")
 
     # ---- data and model --------------------------------------------------------------------
-    data_file, image_root = toy.resolve_data(args.data, args.image_root, "sft")
+    with accelerator.main_process_first():  # the toy is built once, by the main process
+        data_file, image_root = toy.resolve_data(args.data, args.image_root, "sft")
+        model_path = toy.resolve_model(args.model)
     kinds = set(args.kinds.split(",")) if args.kinds else None
     records = data.load_records(data_file, image_root, need_answer=True, kinds=kinds, skip_bad=args.skip_bad)
     if len(records) < args.batch_size:
         raise SystemExit(f"{len(records)} records is less than one batch of {args.batch_size}")
-    model, processor = data.load_model(toy.resolve_model(args.model), min_pixels=args.min_pixels,
+    model, processor = data.load_model(model_path, min_pixels=args.min_pixels,
                                        max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
     if not args.train_vision:
         data.freeze_vision(model)  # paper: vision encoder frozen during SFT
@@ -129,10 +131,9 @@ def main(argv=None):
 
     steps_per_epoch = len(records) // args.batch_size
     total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-    start_step = 0
-    if args.resume:
-        state = data.load_train_state(accelerator, args.output_dir)
-        start_step = state["step"] if state else 0
+    start_step, skipped = 0, 0
+    if args.resume and (state := data.load_train_state(accelerator, args.output_dir)):
+        start_step, skipped = state["step"], state.get("skipped_updates", 0)
     os.makedirs(args.output_dir, exist_ok=True)
     micro_batches = MicroBatches(records, processor, args, rank, world, start_step, total_steps)
     loader = torch.utils.data.DataLoader(micro_batches, batch_size=None, num_workers=args.num_workers)
@@ -144,7 +145,7 @@ def main(argv=None):
                desc="sft", dynamic_ncols=True)
     metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
     batches = iter(loader)
-    skipped, first_loss, loss_value = 0, None, float("nan")
+    first_loss, loss_value = None, float("nan")
     for step in range(start_step, total_steps):
         t0 = time.time()
         lr = data.cosine_lr(step, total_steps, args.warmup_ratio, args.lr, args.min_lr)
@@ -173,9 +174,9 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
         bar.update(1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            data.save_checkpoint(accelerator, model, processor, args.output_dir, step + 1, {})
+            data.save_checkpoint(accelerator, model, processor, args.output_dir, step + 1, dict(skipped_updates=skipped))
     bar.close()
-    data.save_checkpoint(accelerator, model, processor, args.output_dir, total_steps, {})
+    data.save_checkpoint(accelerator, model, processor, args.output_dir, total_steps, dict(skipped_updates=skipped))
     in_sync = len(set(data.weights_fingerprint(accelerator, model))) == 1
     if accelerator.is_main_process:
         metrics_file.close()
