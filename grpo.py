@@ -37,6 +37,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import data
 import rewards
@@ -190,9 +191,10 @@ def token_logprobs(model, batch, prompt_len, temperature):
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def collate(samples, prompts, pad_id, processor):
-    """Training micro-batch: left-padded prompt | right-padded completion, the image rows of
-    each sample's own prompt. Returns (batch, prompt_len)."""
+def collate(samples, prompts, pad_id, processor, device="cpu"):
+    """Training micro-batch on `device`: left-padded prompt | right-padded completion, and each
+    sample's own prompt image - its pixels, or the frozen vision tower's cached output for it
+    (encode_images). Returns (batch, prompt_len)."""
     P = max(len(prompts[s["prompt"]]["ids"]) for s in samples)
     T = max(len(s["completion"]) for s in samples)
     input_ids = torch.full((len(samples), P + T), pad_id, dtype=torch.long)   # (B, P+T)
@@ -203,10 +205,30 @@ def collate(samples, prompts, pad_id, processor):
         input_ids[i, P:P + len(c)], attention[i, P:P + len(c)] = c, 1
     batch = dict(input_ids=input_ids, attention_mask=attention,
                  mm_token_type_ids=data.mm_token_types(processor, input_ids),
-                 pixel_values=torch.cat([prompts[s["prompt"]]["pixel_values"] for s in samples]),
                  image_grid_thw=torch.stack([prompts[s["prompt"]]["grid"] for s in samples]),
                  completion_mask=attention[:, P:].float())
+    batch = {k: v.to(device) for k, v in batch.items()}
+    images = [prompts[s["prompt"]] for s in samples]
+    if "image_embeds" in images[0]:
+        pooled = tuple(p["image_embeds"] for p in images)               # one (tokens, hidden) per sample
+        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+    else:
+        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in images]).to(device)
     return batch, P
+
+
+@torch.no_grad()
+def encode_images(model, prompts, batch_size):
+    """With the vision tower frozen, a prompt's image features never change within a step: encode
+    each image once here and let the old-policy, reference and training forwards reuse them
+    (PITFALLS 12: each would otherwise re-run the encoder). The reference shares the frozen tower."""
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        pixels = torch.cat([p["pixel_values"] for p in chunk]).to(model.device)
+        grids = torch.stack([p["grid"] for p in chunk]).to(model.device)
+        features = model.get_image_features(pixels, grids, return_dict=True).pooler_output
+        for p, f in zip(chunk, features):
+            p["image_embeds"] = f                                         # (image tokens, hidden)
 
 
 def pad_rows(rows, like):
@@ -344,7 +366,7 @@ def main(argv=None):
     if args.freeze_vision:
         data.freeze_vision(model)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         data.set_use_cache(model, False)
     use_kl = args.kl_coef > 0 or args.kl_target is not None
     ref_model = None
@@ -365,6 +387,9 @@ def main(argv=None):
         ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
     policy = accelerator.unwrap_model(model)  # generate() lives on the bare model
     synced_gpus = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    # A frozen tower's features are computed once per step; not under FSDP/ZeRO-3, where calling the
+    # tower outside the model's forward would bypass the sharding hooks.
+    cache_vision = args.freeze_vision and not synced_gpus
 
     steps_per_epoch = len(records) // args.rollout_batch_size
     total_steps = args.max_steps or steps_per_epoch  # paper: one pass over the 25K RL split = 49 steps
@@ -396,8 +421,11 @@ def main(argv=None):
         # ---- 2. sample G completions per prompt
         policy.eval()
         prompts, samples = rollout(policy, processor, local_records, args, synced_gpus)
-        policy.train()
         gen_time = time.time() - t0
+        if cache_vision:
+            with accelerator.autocast():
+                encode_images(policy, prompts, args.gen_batch_size)
+        policy.train()
 
         # ---- 3. rewards: one verifier per task, the format gate first
         contexts = [reward_context(processor, prompts[s["prompt"]], scorer, args.reward_beta) for s in samples]
@@ -416,8 +444,7 @@ def main(argv=None):
             with torch.no_grad():
                 for i in range(0, len(samples), args.micro_batch_size):
                     chunk = samples[i:i + args.micro_batch_size]
-                    batch, P = collate(chunk, prompts, processor.tokenizer.pad_token_id, processor)
-                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                    batch, P = collate(chunk, prompts, processor.tokenizer.pad_token_id, processor, accelerator.device)
                     old = token_logprobs(model, batch, P, args.temperature) if need_old_logprobs else None
                     ref = token_logprobs(ref_model, batch, P, args.temperature) if use_kl else None
                     for j, s in enumerate(chunk):
@@ -441,8 +468,7 @@ def main(argv=None):
                     group["lr"] = lr
                 micro_batches = [train_batch[i:i + args.micro_batch_size] for i in range(0, local_train, args.micro_batch_size)]
                 for m, chunk in enumerate(micro_batches):
-                    batch, P = collate(chunk, prompts, processor.tokenizer.pad_token_id, processor)
-                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                    batch, P = collate(chunk, prompts, processor.tokenizer.pad_token_id, processor, accelerator.device)
                     data.check_image_tokens(batch["input_ids"], batch["image_grid_thw"], processor.image_token_id)
                     mask = batch["completion_mask"]                                     # (b, T)
                     # gradients are all-reduced only on the last micro-batch of the update

@@ -123,7 +123,7 @@ def main(argv=None):
     if not args.train_vision:
         data.freeze_vision(model)  # paper: vision encoder frozen during SFT
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         data.set_use_cache(model, False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)

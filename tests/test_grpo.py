@@ -190,6 +190,27 @@ def test_one_update_gradient_equals_the_papers_objective(tiny):
         assert torch.allclose(g1, g2, atol=1e-5, rtol=1e-3)
 
 
+def test_cached_vision_features_give_the_same_logprobs(tiny):
+    """A frozen tower's features, encoded once per step, stand in exactly for the pixels."""
+    model, processor = tiny
+    model = model.float().eval()
+    records = data.load_records(*toy.data_path("test"), limit=3)
+    batch = data.encode_prompts(processor, records)
+    rows = batch["image_grid_thw"].prod(-1).tolist()
+    prompts = [{"ids": batch["input_ids"][i][batch["attention_mask"][i].bool()], "pixel_values": p,
+                "grid": batch["image_grid_thw"][i]} for i, p in enumerate(batch["pixel_values"].split(rows))]
+    torch.manual_seed(0)
+    samples = [{"prompt": j % 3, "completion": torch.randint(100, 1000, (4 + j,))} for j in range(6)]  # no special ids
+    with torch.no_grad():
+        b, P = grpo.collate(samples, prompts, processor.tokenizer.pad_token_id, processor)
+        from_pixels = grpo.token_logprobs(model, b, P, 1.0)
+        grpo.encode_images(model, prompts, batch_size=2)
+        b, P = grpo.collate(samples, prompts, processor.tokenizer.pad_token_id, processor)
+        assert "pixel_values" not in b and "mm_encoder_outputs" in b
+        from_cache = grpo.token_logprobs(model, b, P, 1.0)
+    assert torch.allclose(from_pixels, from_cache, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- whole runs on the toy
 
 GRPO_SMALL = ["--model", "toy-base", "--rollout-batch-size", "4", "-G", "4", "--train-batch-size", "8",
@@ -241,6 +262,7 @@ def test_a_nan_loss_is_skipped_and_counted(tmp_path, monkeypatch):
     ([], 1, 4),                                                 # 1 update/step, no KL: training forwards only
     (["--train-batch-size", "8"], 1, 8),                        # 2 updates/step: + the old-policy forward
     (["--kl-coef", "0.01"], 2, 8),                              # KL: a reference model and its forward
+    (["--kl-coef", "0.01", "--freeze-vision"], 2, 8),           # the same with cached vision features
 ])
 def test_extra_forwards_only_when_needed(tmp_path, monkeypatch, extra, loads, forwards):
     """PITFALLS 12: no old-log-prob forward when the ratio is provably 1, no reference model at KL 0."""
