@@ -49,7 +49,7 @@ PAPER = dict(num_generations=4, temperature=0.8, rollout_batch_size=512, train_b
              max_steps=None, max_pixels=256 * 32 * 32, freeze_vision=True, eval_data=None, kinds=None)
 # Toy [ours, tuned on 2 CPU cores; see README "Toy results"]: 8 prompts x G=8 per step, one
 # on-policy update per step, no KL, 16 new tokens (concise answers need <= 13), the vision
-# tower trained. Counting tasks only (digit, math): at 0.6M parameters the MCQ forms stay at
+# tower trained. Counting tasks only (digit, math): at 0.7M parameters the MCQ forms stay at
 # chance through SFT and RL alike, and near-zero IoU rewards add noise, so rollouts spent on
 # them only slow the visible learning; every kind still runs in the tests.
 TOY = dict(num_generations=8, temperature=0.8, rollout_batch_size=8, train_batch_size=64,
@@ -308,7 +308,7 @@ def evaluate(model, processor, records, accelerator, args, synced_gpus=False):
     mine = [(r, 1.0) for r in records[accelerator.process_index::world]]
     mine += [(records[0], 0.0)] * (-(-len(records) // world) - len(mine))
     kinds = sorted({r["kind"] for r in records})
-    sums = torch.zeros(len(kinds) + 1, 2, device=accelerator.device)    # (kinds + all, [reward, count])
+    sums = [[0.0, 0.0] for _ in range(len(kinds) + 1)]                  # (kinds + all) x [reward, count]
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     for start in range(0, len(mine), args.gen_batch_size):
@@ -320,9 +320,10 @@ def evaluate(model, processor, records, accelerator, args, synced_gpus=False):
         scores = rewards.reward_batch(texts, [r["gt"] for r in chunk], [r["kind"] for r in chunk], contexts)
         for r, w, score in zip(chunk, weights, scores):
             for row in (kinds.index(r["kind"]), len(kinds)):
-                sums[row] += torch.tensor([w * score, w], device=accelerator.device)
+                sums[row][0] += w * score
+                sums[row][1] += w
     unwrapped.train()
-    sums = accelerator.reduce(sums, reduction="sum").tolist()
+    sums = accelerator.reduce(torch.tensor(sums, device=accelerator.device), reduction="sum").tolist()
     return {name: s / max(n, 1) for name, (s, n) in zip(kinds + ["all"], sums)}
 
 
@@ -453,7 +454,7 @@ def main(argv=None):
                         s["ref"] = ref[j, :n].cpu() if ref is not None else None
 
         # ---- 5. optimise: epochs x shuffled train batches, gradient accumulation over micro-batches
-        losses, kls, clip_fracs, grad_norms = [], [], [], []
+        stats, grad_norms = [], []  # per micro-batch (loss, kl, clip_frac), kept on device: no sync per micro-batch
         shuffle = torch.Generator().manual_seed(args.seed * 100_003 + step)
         for _ in range(args.epochs):
             perm = torch.randperm(len(samples), generator=shuffle).tolist()
@@ -484,17 +485,14 @@ def main(argv=None):
                         # over ranks, hence x world)
                         share = mask.sum() / n_tokens * world if args.loss_agg == "token" else len(chunk) / local_train
                         accelerator.backward(loss * share)
-                    losses.append(loss.item())
-                    clip_fracs.append(clip_frac.item())
-                    kls.append(aggregate(kl, mask, "seq", 1).item() if use_kl else 0.0)
+                    kl_mean = aggregate(kl, mask, "seq", 1) if use_kl else torch.zeros((), device=logp.device)
+                    stats.append(torch.stack([loss, kl_mean, clip_frac]).detach())
                 grad_norm, applied = data.clip_and_step(accelerator, optimizer, params)  # NaN/inf: skipped
                 skipped += not applied
                 grad_norms.append(grad_norm)
 
         # ---- metrics: sums over this rank, all-reduced into means over the global step
-        train_stats = accelerator.reduce(torch.tensor([sum(losses) / len(losses), sum(kls) / len(kls),
-                                                       sum(clip_fracs) / len(clip_fracs)], device=accelerator.device),
-                                         reduction="mean").tolist()
+        train_stats = accelerator.reduce(torch.stack(stats).mean(0), reduction="mean").tolist()  # loss, kl, clip
         row = dict(step=step + 1, **rollout_metrics(accelerator, samples, scores, kinds_, advantages, G))
         row.update(kl=train_stats[1], kl_coef=kl_coef, loss=train_stats[0], clip_frac=train_stats[2],
                    grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, skipped_updates=skipped,

@@ -191,9 +191,8 @@ def make_trace(rng, plan, facts, answer, style):
     if style == "concise":
         think = plan
     elif style == "pseudo":
-        steps = facts
         parts = ["Okay, let me look at the image carefully.", plan]
-        for step in steps:
+        for step in facts:
             parts.append(step)
             parts.append(rng.choice(["Hmm, wait, let me double-check that.", "Let me check again.",
                                      "Alternatively, I could count them one more time.", "Wait."]))
