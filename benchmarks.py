@@ -1,5 +1,5 @@
 """
-benchmarks.py - the paper's six benchmarks for eval.py (METHOD.md section 6 and Table 4): loaders for
+benchmarks.py - the paper's six benchmarks for eval.py (its Table 4): loaders for
 their real copies (Hugging Face datasets, the GitHub JSON files, VLMEvalKit TSVs) and the offline rules
 that score the answers, DynaMath's worst case and We-Math's strict and loose scores among them.
 
@@ -34,7 +34,7 @@ import urllib.request
 import rewards
 
 # VLMEvalKit's default prompt for Qwen2-VL models on VQA-type benchmarks (use_custom_prompt=True);
-# whether the authors kept it is not known (benchmarks README section 7).
+# whether the authors kept it is not known (their evaluation wrapper does not say).
 VQA_SUFFIX = "\nPlease try to answer the question with short words or phrases if possible."
 LETTERS = "ABCDEFGH"
 
@@ -100,8 +100,7 @@ def match(item, pred, image_size=None):
         return float(bool(letter_set(gold)) and letter_set(pred) == letter_set(gold))
     if kind == "text":
         return float(bool(pred.strip()) and pred.strip().lower() in str(gold).lower())
-    verifier = {"digit": rewards.digit_reward, "mcq": rewards.mcq_reward, "math": rewards.math_reward}
-    return verifier[kind](pred, gold) if kind in verifier else rewards.iou_reward(pred, gold, image_size)
+    raise ValueError(f"unknown item type {kind!r}")
 
 
 def dynamath_scores(rows):

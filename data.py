@@ -1,24 +1,24 @@
 """
-data.py - VLAA-Thinking data, prompts, batching, and model loading/saving shared by every stage.
+data.py - the data: VLAA-Thinking records (schema, loading, validation), prompts, batches.
 
     records = load_records("VLAA-Thinking-GRPO-25K.json", image_root="images/")
-    model, processor = load_model("Qwen/Qwen2.5-VL-3B-Instruct")
     batch = encode_prompts(processor, records[:8])                 # left-padded, for generate()
     batch = encode_sft(processor, records[:8], max_length=4096)    # labels on the answer only
 
-Record schema (the released files; see ../shared/METHOD.md section 2): `id` (prefixed by its
-source, e.g. "clevr_math-..."), `image` (relative to the image root, sometimes with a
-leading slash), `question` (MCQ options inline), `gt` (int, letter, text, box, solution),
-SFT files also `answer` = "<think>...</think><answer>...</answer>" (older records
+Record schema, as in the released files (`UCSC-VLAA/VLAA-Thinking` on the Hugging Face hub):
+`id` (prefixed by its source, e.g. "clevr_math-..."), `image` (relative to the image root,
+sometimes with a leading slash), `question` (MCQ options inline), `gt` (int, letter, text, box,
+solution), SFT files also `answer` = "<think>...</think><answer>...</answer>" (older records
 `ds_answer`), GRPO files `verifier_type`. Loaded records gain `kind` (the verifier, from
 rewards.verifier_for) and `image_path` (absolute).
 """
+import io
 import json
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import rewards
@@ -42,6 +42,14 @@ TASK_INSTRUCTIONS = {
     "open": "Answer the question in a few sentences.",
 }
 
+# The paper's evaluation setting (VLMEvalKit, 256*32*32 pixels per image); not in the paper: we train
+# at the same cap, so that a checkpoint sees images at the size it will be evaluated at.
+MAX_PIXELS = 256 * 32 * 32
+EVAL_MAX_NEW_TOKENS = 800  # the paper's evaluation setting too
+# The tokens that end an assistant turn in Qwen's chat format: generation stops at them, SFT teaches
+# the first, and a completion runs up to and including the first of either.
+END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
+
 # The paper's step 6: a distilled answer containing one of these (case-insensitive
 # substring) goes to the RL pool, the rest to SFT. Also used to count "aha" phrases.
 AHA_KEYWORDS = ("wait", "again", "double-check", "hmm", "mistake", "alternatively", "check", "i should confirm")
@@ -56,7 +64,12 @@ def has_aha(text):
 # Loading and validating records
 
 class BadRecord(ValueError):
-    pass
+    """A record (or file) that cannot be used; `reason` is what is wrong in words shared by every record
+    with the same problem (for --skip-bad's counts), str() the whole message."""
+
+    def __init__(self, message, reason=None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def read_json_records(path):
@@ -72,7 +85,7 @@ def read_json_records(path):
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise BadRecord(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                    raise BadRecord(f"{path}:{lineno}: not valid JSON ({e.msg})", "not valid JSON") from None
         return records
 
 
@@ -99,27 +112,35 @@ def check_record(r, image_root, need_answer):
         raise BadRecord("missing 'answer' (the SFT target)")
     try:
         kind = rewards.verifier_for(r)
-    except ValueError as e:
-        raise BadRecord(str(e)) from None
+    except ValueError as e:  # "record 'x': unknown verifier_type 'y'": the reason is its words before the quote
+        message = str(e).split(": ", 1)[-1]
+        raise BadRecord(message, message.split("'")[0].strip()) from None
     # The released files write image paths relative to the image root; one has a leading slash.
     path = os.path.join(image_root or "", str(r["image"]).lstrip("/"))
     if not os.path.isfile(path):
-        raise BadRecord(f"image not found: {path}")
+        raise BadRecord(f"image not found: {path}", "image not found")
     try:
         with Image.open(path) as im:  # reads the header only; cheap enough for 126K records
             im.size
     except Exception as e:
-        raise BadRecord(f"unreadable image {path}: {e}") from None
+        raise BadRecord(f"unreadable image {path}: {e}", "unreadable image") from None
     return {**r, "kind": kind, "image_path": path, "answer": answer}
 
 
 def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_bad=False, limit=None):
     """Loads, validates and normalises every record of a VLAA-Thinking file (or hub dataset).
 
-    A bad record raises a ValueError naming the file, the record id and what is wrong; with
+    A bad record raises BadRecord naming the file, the record id and what is wrong; with
     skip_bad=True it is counted, skipped, and the counts are printed. `kinds` keeps only
     those verifier kinds (e.g. {"digit", "mcq"}); `limit` the first N records of those kinds."""
-    raw = read_json_records(data) if os.path.exists(data) else read_hub_records(data)
+    if os.path.exists(data):
+        raw = read_json_records(data)
+    elif data.endswith((".json", ".jsonl")) and data.count(":") == 0:
+        raise BadRecord(f"{data}: no such file")
+    else:
+        raw = read_hub_records(data)
+    if not isinstance(raw, list):
+        raise BadRecord(f"{data}: expected a JSON array of records or JSON Lines")
     if kinds is not None:  # before `limit`, so that limit counts records of the wanted kinds
 
         def wanted(r):
@@ -137,7 +158,7 @@ def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_b
             return check_record(r, image_root, need_answer), None
         except BadRecord as e:
             rid = r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}"
-            return None, f"{data}: record {rid}: {e}"
+            return None, (f"{data}: record {rid}: {e}", e.reason)
 
     with ThreadPoolExecutor(8) as pool:  # image header checks are I/O bound
         results = list(pool.map(check, enumerate(raw)))
@@ -148,22 +169,28 @@ def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_b
         elif kinds is None or rec["kind"] in kinds:
             records.append(rec)
     if errors and not skip_bad:
-        more = f" (and {len(errors) - 1} more bad records; --skip-bad skips them)" if len(errors) > 1 else ""
-        raise ValueError(errors[0] + more)
+        more = f" (and {len(errors) - 1} more bad records)" if len(errors) > 1 else ""
+        raise BadRecord(errors[0][0] + more)
     if errors:
         reasons = {}
-        for e in errors:
-            reason = e.split(": ", 2)[-1].split(":")[0]
+        for _, reason in errors:
             reasons[reason] = reasons.get(reason, 0) + 1
         print(f"skipped {len(errors)} bad records of {len(raw)} in {data}: " +
               ", ".join(f"{n} x {r}" for r, n in sorted(reasons.items())))
     if not records:
-        raise ValueError(f"{data}: no usable records" + (f" of kinds {sorted(kinds)}" if kinds else ""))
+        raise BadRecord(f"{data}: no usable records" + (f" of kinds {sorted(kinds)}" if kinds else ""))
     return records
 
 
 def load_image(record):
-    with Image.open(record["image_path"]) as im:
+    """The record's image as RGB: from its checked `image_path`, else its `image` (a path, bytes, a PIL
+    image, or an undecoded Hugging Face image {"bytes", "path"} as benchmark datasets hold them)."""
+    x = record["image_path"] if "image_path" in record else record["image"]
+    if isinstance(x, Image.Image):
+        return x.convert("RGB")
+    if isinstance(x, dict):
+        x = x.get("bytes") or x["path"]
+    with Image.open(io.BytesIO(x) if isinstance(x, bytes) else x) as im:
         return im.convert("RGB")
 
 
@@ -171,8 +198,9 @@ def load_image(record):
 # Prompts and batches
 
 def build_messages(record):
-    """System prompt, then one user turn: the image first, then the question + task instruction."""
-    question = record["question"].strip() + "\n" + TASK_INSTRUCTIONS[record["kind"]]
+    """System prompt, then one user turn: the image first, then the question + its task instruction
+    (or a benchmark item's own `prompt`, verbatim)."""
+    question = record.get("prompt") or record["question"].strip() + "\n" + TASK_INSTRUCTIONS[record["kind"]]
     return [{"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
@@ -182,8 +210,8 @@ def prompt_text(processor, record):
 
 
 def encode_prompts(processor, records, images=None):
-    """Left-padded prompts for batched generation (PITFALLS 3). Never truncated: cutting a
-    prompt that holds image tokens breaks the image-token/feature match (PITFALLS 1).
+    """Left-padded prompts for batched generation (so every prompt ends where generation starts).
+    Never truncated: a prompt cut inside its image tokens no longer matches its image features.
     Returns input_ids, attention_mask (B, P), pixel_values (sum of patches, C), image_grid_thw (B, 3)."""
     images = images if images is not None else [load_image(r) for r in records]
     return processor(text=[prompt_text(processor, r) for r in records], images=images,
@@ -196,20 +224,20 @@ def encode_sft(processor, records, images=None, max_length=None, answer_key="ans
 
     The answer is tokenized on its own and appended to the prompt's ids, exactly as the
     model will see it when it generates after the prompt. An over-long sequence loses the
-    end of its answer, never part of its prompt (PITFALLS 1)."""
+    end of its answer, never part of its prompt (its image tokens must match its image)."""
     images = images if images is not None else [load_image(r) for r in records]
     tok = processor.tokenizer
     prompts = processor(text=[prompt_text(processor, r) for r in records], images=images,
                         padding=True, padding_side="right", return_tensors="pt")
-    end = tok.convert_tokens_to_ids("<|im_end|>")
+    end = end_of_turn_ids(tok)[0]
     rows, labels = [], []
     for i, r in enumerate(records):
         prompt = prompts["input_ids"][i][prompts["attention_mask"][i].bool()].tolist()
         answer = tok(r[answer_key].strip(), add_special_tokens=False)["input_ids"] + [end]
         if max_length is not None:
             if len(prompt) >= max_length:
-                raise ValueError(f"record {r.get('id')}: the prompt alone has {len(prompt)} tokens >= "
-                                 f"--max-length {max_length}; raise it or lower --max-pixels")
+                raise BadRecord(f"record {r.get('id')}: the prompt alone has {len(prompt)} tokens, at least the "
+                                f"maximum length {max_length}; allow longer sequences or smaller images")
             answer = answer[:max_length - len(prompt)]
         rows.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
@@ -223,6 +251,33 @@ def encode_sft(processor, records, images=None, max_length=None, answer_key="ans
             "pixel_values": prompts["pixel_values"], "image_grid_thw": prompts["image_grid_thw"]}
 
 
+def repeat_groups(batch, group_size):
+    """Repeats every prompt of a processor batch G times, keeping each prompt's own image rows.
+
+    pixel_values holds the patches of all images concatenated (sum of t*h*w rows), so a plain
+    .repeat() would pair prompt i with another prompt's patches whenever B > 1 or images differ
+    in size. Split per image, repeat each G times, concatenate."""
+    rows = batch["image_grid_thw"].prod(-1).tolist()                     # patches per image
+    pixels = torch.cat([p.repeat(group_size, 1) for p in batch["pixel_values"].split(rows)])
+    out = {k: v.repeat_interleave(group_size, dim=0) for k, v in batch.items() if k != "pixel_values"}
+    return {**out, "pixel_values": pixels}
+
+
+def completion_mask(completion_ids, tokenizer):
+    """(mask, cut): mask is 1 up to and including the first end-of-turn token, 0 after - the tokens a
+    completion consists of; cut says the completion never ended (the token cap). (B, T) -> (B, T), (B,)"""
+    is_end = torch.isin(completion_ids, torch.tensor(end_of_turn_ids(tokenizer), device=completion_ids.device))
+    seen_before = (is_end.cumsum(1) - is_end.long()) > 0
+    return (~seen_before).float(), ~is_end.any(1)
+
+
+def pad_cat(tensors, value, left=False):
+    """(n_i, L_i) tensors -> (sum n_i, max L_i), each padded with `value` on the left or the right."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([F.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=value)
+                      for t in tensors])
+
+
 def mm_token_types(processor, input_ids):
     """0 text, 1 image, 2 video per token. Qwen2.5-VL in transformers 5 needs this to build its
     3-D (M-RoPE) positions; without it a forward silently falls back to 1-D positions."""
@@ -230,35 +285,6 @@ def mm_token_types(processor, input_ids):
     types[input_ids == processor.image_token_id] = 1
     types[input_ids == processor.video_token_id] = 2
     return types
-
-
-def vision_token_ids(processor):
-    """Ids a policy must never sample: a generated <|image_pad|> makes the next forward fail
-    with "Image features and image tokens do not match" (PITFALLS 1)."""
-    tok = processor.tokenizer
-    names = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-    ids = [tok.convert_tokens_to_ids(t) for t in names]
-    return [i for i in ids if i is not None and i != tok.unk_token_id]
-
-
-@torch.no_grad()
-def generate(model, processor, batch, max_new_tokens, temperature=0.0, synced_gpus=False):
-    """Completion token ids (B, T) for a left-padded prompt batch: greedy when temperature is 0,
-    else plain sampling (no top-k/top-p, so the sampler matches the policy GRPO scores).
-    Stops at <|im_end|>/<|endoftext|>; vision tokens can never be sampled (PITFALLS 1).
-    synced_gpus keeps every rank stepping until all are done (needed under FSDP/ZeRO-3)."""
-    tok = processor.tokenizer
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, suppress_tokens=vision_token_ids(processor),
-                         eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")],
-                         pad_token_id=tok.pad_token_id, use_cache=True, synced_gpus=synced_gpus, **sampling)
-    return out[:, batch["input_ids"].shape[1]:]
-
-
-def decode(processor, completion_ids):
-    """Texts of completions, cut at the end-of-turn token, special tokens dropped."""
-    return processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
 
 
 def check_image_tokens(input_ids, image_grid_thw, image_token_id, merge_size=2):
@@ -269,124 +295,22 @@ def check_image_tokens(input_ids, image_grid_thw, image_token_id, merge_size=2):
         raise RuntimeError(f"{found} image tokens in the batch but image_grid_thw implies {expected}")
 
 
-# ----------------------------------------------------------------------------------------
-# Models: loading and checkpoints
-#
-# A run directory holds metrics.jsonl, checkpoint-<step>/ (each an ordinary Hugging Face
-# model + processor directory, plus train_state/ for --resume) and `latest`, the name of the
-# newest complete checkpoint. Anything that takes a model takes a run directory too.
-
-def resolve_checkpoint(path):
-    """A model directory, a run directory (-> its latest checkpoint), or a hub id (unchanged)."""
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest) and not os.path.isfile(os.path.join(path, "config.json")):
-        with open(latest) as f:
-            return os.path.join(path, f.read().strip())
-    return path
+def end_of_turn_ids(tokenizer):
+    return [tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN]
 
 
-def load_model(name, dtype=None, min_pixels=None, max_pixels=None, trust_remote_code=False):
-    """(model, processor) through the Auto classes - toy and real checkpoints alike.
-    Safetensors only; remote code only when asked for."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    path = resolve_checkpoint(name)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if min_pixels or max_pixels:
-        size = dict(processor.image_processor.size)
-        size["shortest_edge"] = min_pixels or size["shortest_edge"]
-        size["longest_edge"] = max_pixels or size["longest_edge"]
-        processor.image_processor.size = size
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True,
-                                                        trust_remote_code=trust_remote_code)
-    return model, processor
+def image_size(processor, grid):
+    """(width, height) in pixels of the resized image the model saw, from its (t, h, w) patch grid:
+    the frame of Qwen2.5-VL's absolute box coordinates (rewards.iou_reward)."""
+    patch = processor.image_processor.patch_size  # 14 in Qwen2/2.5-VL, 16 in Qwen3-VL
+    return int(grid[2]) * patch, int(grid[1]) * patch
 
 
-def freeze_vision(model):
-    """The vision tower (and its merger) stops training, as in the paper's SFT."""
-    vision = model.model.visual if hasattr(model, "model") and hasattr(model.model, "visual") else model.visual
-    for p in vision.parameters():
-        p.requires_grad_(False)
-
-
-def set_use_cache(model, value):
-    """Sets use_cache where transformers reads it (the text config of a VLM); returns the old value."""
-    config = getattr(model.config, "text_config", model.config)
-    old = getattr(config, "use_cache", True)
-    config.use_cache = value
-    return old
-
-
-def save_checkpoint(accelerator, model, processor, run_dir, step, state, keep=2):
-    """Writes run_dir/checkpoint-<step>/ atomically: into a .tmp directory, renamed when complete,
-    then `latest` is switched (also by rename). A kill at any moment leaves the previous
-    checkpoint loadable. Keeps the newest `keep` checkpoints. Every rank must call this."""
-    name = f"checkpoint-{step}"
-    tmp = os.path.join(run_dir, name + ".tmp")
-    unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)  # gathers full weights under FSDP
-    accelerator.save_state(os.path.join(tmp, "train_state"))  # optimizer, scheduler, RNG of every rank
-    if accelerator.is_main_process:
-        # Gradient checkpointing sets use_cache=False; saved, it makes later inference much
-        # slower (PITFALLS 9), so the saved config always says True.
-        use_cache = set_use_cache(unwrapped, True)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        set_use_cache(unwrapped, use_cache)
-        processor.save_pretrained(tmp)
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, **state}, f)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = os.path.join(run_dir, name)
-        if os.path.exists(final):
-            import shutil
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        with open(os.path.join(run_dir, "latest.tmp"), "w") as f:
-            f.write(name)
-        os.replace(os.path.join(run_dir, "latest.tmp"), os.path.join(run_dir, "latest"))
-        old = sorted((d for d in os.listdir(run_dir) if d.startswith("checkpoint-") and d[11:].isdigit()),
-                     key=lambda d: int(d[11:]))
-        for d in old[:-keep] if keep > 0 else []:
-            import shutil
-            shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def load_train_state(accelerator, run_dir):
-    """Restores model, optimizer, scheduler and RNG from run_dir's latest checkpoint; returns
-    its state.json (step, data position, ...), or None when there is nothing to resume."""
-    path = resolve_checkpoint(run_dir)
-    if path == run_dir:
-        return None
-    accelerator.load_state(os.path.join(path, "train_state"))
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
-
-
-def weights_fingerprint(accelerator, model):
-    """Sum of |w| over all parameters, gathered from every rank: equal numbers mean the ranks
-    hold the same weights (the DDP invariant that a skipped collective would break)."""
-    with torch.no_grad():
-        total = sum(p.detach().float().abs().sum() for p in accelerator.unwrap_model(model).parameters())
-    return accelerator.gather(total.reshape(1).to(accelerator.device)).tolist()
-
-
-def clip_and_step(accelerator, optimizer, params, max_norm=1.0):
-    """Clip gradients (not in the paper: at 1.0) and step, unless the norm is NaN/inf: such an
-    update is never applied. The norm comes from all-reduced gradients, so every rank takes the
-    same decision. Returns (grad_norm, applied)."""
-    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
-    applied = bool(torch.isfinite(grad_norm))
-    if applied:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm), applied
-
-
-def cosine_lr(step, total, warmup_ratio, peak, floor):
-    """Linear warmup over warmup_ratio*total steps, then cosine from peak down to floor."""
-    warmup = max(1, math.ceil(warmup_ratio * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+def step_indices(n_records, batch_size, step, seed, rank, world):
+    """The records rank `rank` takes at optimizer/rollout step `step`: a fixed function of (seed, epoch,
+    step), so a resumed run sees exactly the samples an uninterrupted one would. Each epoch is a new
+    permutation; step s of it takes the global batch perm[s*B:(s+1)*B], and rank r every world-th
+    record of it, so every rank gets the same number and no record is seen twice in an epoch."""
+    epoch, pos = divmod(step, n_records // batch_size)
+    order = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[pos * batch_size:(pos + 1) * batch_size][rank::world].tolist()

@@ -1,6 +1,6 @@
 """
-eval.py - did the run beat the base model? The paper's six benchmarks (METHOD.md section 6 and
-Table 4), the toy test split, comparison tables, response length and "aha" phrases, training curves.
+eval.py - did the run beat the base model? The paper's six benchmarks (its Table 4), the toy test
+split, comparison tables, response length and "aha" phrases, training curves.
 
     python eval.py                          # toy: the toy policy, out/sft, out/grpo (where trained), toy test split
     python eval.py plot out/sft out/grpo    # reward and response length against step (the paper's Figure 6)
@@ -13,13 +13,14 @@ new tokens; images capped at 256*32*32 pixels; the answer is the content of the 
 block, else the whole response (the authors' wrapper); accuracy, DynaMath's worst case over the
 variants of a seed and We-Math's strict score. Responses are appended to
 <output-dir>/<model>/<benchmark>.jsonl as they come; a rerun skips the ids already there (and
-starts over when the checkpoint or the generation settings changed).
+starts over when the checkpoint or the generation settings changed). On the toy split the score is
+the held-out accuracy of grpo.py (plumbing.accuracy_by_kind: the mean reward of the greedy answer, the
+format gate included), so the two agree on the same checkpoint.
 
 The six benchmarks' loaders and scoring rules, and how scoring departs from VLMEvalKit: benchmarks.py.
 """
 import argparse
 import glob
-import io
 import json
 import math
 import os
@@ -29,17 +30,16 @@ from contextlib import nullcontext
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
-from PIL import Image
 from tqdm import tqdm
 
 import data
+import plumbing
 import rewards
 import toy
 from benchmarks import BENCHMARKS, answer_text, dynamath_scores, make_judge, match, read_benchmark, wemath_scores
 
-PAPER = dict(max_new_tokens=800, batch_size=16)  # paper: 800 new tokens (batch size: ours)
-TOY = dict(max_new_tokens=128, batch_size=64)     # toy answers are < 100 tokens; a stuck model is cut sooner
+PAPER = dict(max_new_tokens=data.EVAL_MAX_NEW_TOKENS, batch_size=16)  # the batch size: ours
+TOY = dict(max_new_tokens=toy.EVAL_MAX_NEW_TOKENS, batch_size=64)
 TOY_KINDS = ("digit", "mcq", "math", "iou")       # "open" needs a reward model; not a rule-scored accuracy
 # The paper's step-6 keywords plus the phrases its GRPO analysis counts. Substrings, case-insensitive,
 # as in the paper: "check" also counts inside "double-check".
@@ -56,10 +56,11 @@ def parse_args(argv=None):
       "file>; a benchmark not found there is loaded from the Hugging Face hub")
     a("--output-dir", default="out/eval")
     a("--limit", type=int, default=None, help="first N items of each benchmark, for a quick look")
-    a("--max-new-tokens", type=int, default=None, help="paper: 800 (toy: 128)")
-    a("--max-pixels", type=int, default=256 * 32 * 32, help="image pixel cap (paper: 256*32*32)")
+    a("--max-new-tokens", type=int, default=None, help=f"[paper: {PAPER['max_new_tokens']}; toy: {TOY['max_new_tokens']}]")
+    a("--max-pixels", type=int, default=data.MAX_PIXELS, help="image pixel cap (paper: %(default)s)")
     a("--min-pixels", type=int, default=None)
-    a("--batch-size", type=int, default=None, help="prompts per generate() call on a rank (ours: 16; toy: 64)")
+    a("--batch-size", type=int, default=None, help="prompts per generate() call on a rank "
+      f"[real: {PAPER['batch_size']}; toy: {TOY['batch_size']}]")
     a("--judge-url", default=None, help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (default: "
       "no judge, rules only)")
     a("--judge-model", default="gpt-4o-mini", help="VLMEvalKit's default judge")
@@ -77,12 +78,8 @@ def parse_args(argv=None):
 
 def load_benchmark(name, root=None, limit=None):
     """The items of one benchmark ("toy": the toy test split), grouped problems kept together."""
-    if name == "toy":
-        path, image_root = toy.data_path("test")
-        records = data.load_records(path, image_root)
-        items = [dict(id=r["id"], image=r["image_path"], answer=r["gt"], type=r["kind"],
-                      prompt=r["question"].strip() + "\n" + data.TASK_INSTRUCTIONS[r["kind"]])  # as in training
-                 for r in records if r["kind"] in TOY_KINDS]
+    if name == "toy":  # the records themselves: prompted as in training (data.build_messages)
+        items = [r for r in data.load_records(*toy.data_path("test")) if r["kind"] in TOY_KINDS]
     else:
         items = [it for r in read_benchmark(name, root) if (it := BENCHMARKS[name]["item"](r)) is not None]
         items.sort(key=lambda it: it.get("group", ""))  # stable: --limit takes whole seeds / problem groups
@@ -94,60 +91,17 @@ def load_benchmark(name, root=None, limit=None):
 # ----------------------------------------------------------------------------------------
 # Generation: resumable, sharded over ranks
 
-def read_jsonl(path):
-    """Rows of a JSON Lines file; a line cut short by a kill is skipped."""
-    rows = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return rows
-
-
-def open_image(x):
-    if isinstance(x, Image.Image):
-        return x.convert("RGB")
-    if isinstance(x, dict):  # an undecoded HF Image
-        x = x.get("bytes") or x["path"]
-    with Image.open(io.BytesIO(x) if isinstance(x, bytes) else x) as im:
-        return im.convert("RGB")
-
-
-@torch.no_grad()
 def generate_missing(model, processor, items, path, args, accelerator):
     """Greedy responses for the items not yet in `path`, appended a batch at a time by the main
-    process. Ranks take every world-th item and run the same number of batches (each gathers)."""
-    done = {row["id"] for row in read_jsonl(path)}
+    process (plumbing.greedy_answers shards them over the ranks)."""
+    done = {row["id"] for row in plumbing.read_log(path)}
     accelerator.wait_for_everyone()  # every rank has read the file before it grows
     todo = [it for it in items if it["id"] not in done]
-    world, bs = accelerator.num_processes, args.batch_size
-    mine = todo[accelerator.process_index::world]
-    eos = torch.tensor([processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")])
-    is_main = accelerator.is_main_process
-    with open(path, "a", encoding="utf-8") if is_main else nullcontext() as f:
-        for b in tqdm(range(math.ceil(math.ceil(len(todo) / world) / bs)), desc=os.path.basename(path),
-                      disable=args.quiet or not is_main):
-            chunk, rows = mine[b * bs:(b + 1) * bs], []
-            if chunk:
-                texts = [processor.apply_chat_template(  # the training system prompt, image before text
-                    [{"role": "system", "content": data.SYSTEM_PROMPT},
-                     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it["prompt"]}]}],
-                    tokenize=False, add_generation_prompt=True) for it in chunk]
-                batch = processor(text=texts, images=[open_image(it["image"]) for it in chunk], padding=True,
-                                  padding_side="left", return_tensors="pt").to(accelerator.device)
-                ids = data.generate(model, processor, batch, args.max_new_tokens).cpu()  # (b, T) greedy
-                stop = torch.isin(ids, eos)                                               # (b, T)
-                lengths = torch.where(stop.any(1), stop.int().argmax(1), ids.shape[1]).tolist()
-                for it, text, n, ended, (_, h, w) in zip(chunk, data.decode(processor, ids), lengths,
-                                                         stop.any(1).tolist(), batch["image_grid_thw"].tolist()):
-                    # image_size: the resized image the model saw (Qwen's 14-pixel patches), for boxes
-                    rows.append(dict(id=it["id"], response=text, length=n, truncated=not ended,
-                                     image_size=[14 * w, 14 * h]))
-            rows = gather_object(rows)
-            if is_main:
+    batches = math.ceil(math.ceil(len(todo) / accelerator.num_processes) / args.batch_size)
+    with open(path, "a", encoding="utf-8") if accelerator.is_main_process else nullcontext() as f:
+        for rows in tqdm(plumbing.greedy_answers(model, processor, todo, accelerator, args.batch_size, args.max_new_tokens),
+                         total=batches, desc=os.path.basename(path), disable=args.quiet or not accelerator.is_main_process):
+            if accelerator.is_main_process:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
                 f.flush()
 
@@ -157,7 +111,7 @@ def start_over_if_stale(model_dir, settings, accelerator):
     path = os.path.join(model_dir, "generation.json")
     if accelerator.is_main_process:
         os.makedirs(model_dir, exist_ok=True)
-        old = (read_jsonl(path) or [None])[0]
+        old = (plumbing.read_log(path) or [None])[0]
         if old != settings:
             stale = glob.glob(os.path.join(model_dir, "*.jsonl"))
             if stale:
@@ -173,12 +127,15 @@ def start_over_if_stale(model_dir, settings, accelerator):
 
 def score(name, items, rows, judge=None):
     """(summary, per-item results) of one benchmark from its generated rows {id: row}."""
-    results = []
-    for it in items:
-        row = rows[it["id"]]
-        pred = answer_text(row["response"])
-        results.append(dict(id=it["id"], answer=it["answer"], pred=pred, score=match(it, pred, row.get("image_size"))))
-    if judge:  # like VLMEvalKit: rules first, the LLM only where they did not find the right answer
+    if name == "toy":  # grpo.py's held-out accuracy: the format-gated reward, mean IoU for boxes
+        scores = plumbing.heldout_scores([rows[it["id"]] for it in items], items)
+        results = [dict(id=it["id"], answer=it["gt"], pred=rewards.extract_answer(rows[it["id"]]["response"]), score=s)
+                   for it, s in zip(items, scores)]
+    else:  # the authors' answer rule, then each benchmark's scoring rule
+        results = [dict(id=it["id"], answer=it["answer"], pred=answer_text(rows[it["id"]]["response"])) for it in items]
+        for it, r in zip(items, results):
+            r["score"] = match(it, r["pred"], rows[it["id"]].get("image_size"))
+    if judge and name != "toy":  # like VLMEvalKit: rules first, the LLM only where they did not find the right answer
         misses = [(it, r) for it, r in zip(items, results) if r["score"] < 1]
         with ThreadPoolExecutor(8) as pool:
             extracted = list(pool.map(lambda m: judge(m[0], m[1]["pred"]), misses))
@@ -194,7 +151,7 @@ def score(name, items, rows, judge=None):
         summary.update(wemath_scores([(it["group"], it["key"], s) for it, s in zip(items, scores)]))
     elif name == "toy":  # iou's "accuracy" is the mean IoU, its training reward
         for k in TOY_KINDS:
-            of_kind = [s for it, s in zip(items, scores) if it["type"] == k]
+            of_kind = [s for it, s in zip(items, scores) if it["kind"] == k]
             summary[k] = 100 * sum(of_kind) / len(of_kind) if of_kind else None
     # the paper's number: DynaMath's worst case, We-Math's strict score, else the accuracy
     summary["score"] = summary.get("worst_case", summary.get("score_strict", summary["accuracy"]))
@@ -249,7 +206,7 @@ def plot_runs(run_dirs, out_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = {os.path.basename(os.path.normpath(d)): read_jsonl(os.path.join(d, "metrics.jsonl")) for d in run_dirs}
+    runs = {os.path.basename(os.path.normpath(d)): plumbing.read_log(os.path.join(d, "metrics.jsonl")) for d in run_dirs}
     panels = [("reward_mean", "training reward (mean)"), ("response_length_mean", "response length (tokens)")]
     no_reward = [name for name, rows in runs.items() if not any("reward_mean" in r for r in rows)]
     if no_reward:
@@ -281,8 +238,8 @@ def plot_runs(run_dirs, out_path):
 def rollout_aha(run_dir, bins=10):
     """Aha phrases in a GRPO run's logged rollouts, per bin of steps, with the mean response length
     (tokens, over all samples) from its metrics.jsonl. Returns a Markdown table."""
-    rollouts = read_jsonl(os.path.join(run_dir, "rollouts.jsonl"))
-    lengths = {r["step"]: r["response_length_mean"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    rollouts = plumbing.read_log(os.path.join(run_dir, "rollouts.jsonl"))
+    lengths = {r["step"]: r["response_length_mean"] for r in plumbing.read_log(os.path.join(run_dir, "metrics.jsonl"))
                if "response_length_mean" in r}
     steps = sorted({r["step"] for r in rollouts})
     if not steps:
@@ -300,7 +257,7 @@ def rollout_aha(run_dir, bins=10):
 
 def default_models():
     """The toy checkpoints: the toy policy (built on first use), and out/sft, out/grpo when trained."""
-    return ["toy"] + [d for d in ("out/sft", "out/grpo") if data.resolve_checkpoint(d) != d]
+    return ["toy"] + [d for d in ("out/sft", "out/grpo") if plumbing.resolve_checkpoint(d) != d]
 
 
 def main(argv=None):
@@ -331,16 +288,16 @@ def main(argv=None):
     models = [spec.rpartition("=") for spec in args.model or default_models()]  # (label, "=", path)
     models = [(label or os.path.basename(os.path.normpath(path)), path) for label, _, path in models]
     if len({label for label, _ in models}) < len(models):
-        raise SystemExit("two --model share a name; name them with label=path")
+        raise plumbing.UserError("two --model share a name; name them with label=path")
     checkpoints = {}
     for label, path in models:  # 1. generate (every rank)
         with accelerator.main_process_first():  # the toy policy is built once
-            checkpoints[label] = checkpoint = data.resolve_checkpoint(toy.resolve_model(path))
+            checkpoints[label] = checkpoint = plumbing.resolve_checkpoint(toy.resolve_model(path))
         config = os.path.join(checkpoint, "config.json")
         settings = dict(checkpoint=checkpoint, saved=os.path.getmtime(config) if os.path.exists(config) else None,
                         max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
         start_over_if_stale(os.path.join(args.output_dir, label), settings, accelerator)
-        model, processor = data.load_model(checkpoint, dtype=dtype, min_pixels=args.min_pixels,
+        model, processor = plumbing.load_model(checkpoint, dtype=dtype, min_pixels=args.min_pixels,
                                            max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
         model.to(accelerator.device).eval()
         for b in benchmarks:
@@ -355,7 +312,7 @@ def main(argv=None):
         out_dir = os.path.join(args.output_dir, label)
         summary, responses = dict(model=path, checkpoint=checkpoints[label], scoring=scoring, benchmarks={}), []
         for b in benchmarks:
-            rows = {row["id"]: row for row in read_jsonl(os.path.join(out_dir, f"{b}.jsonl"))}
+            rows = {row["id"]: row for row in plumbing.read_log(os.path.join(out_dir, f"{b}.jsonl"))}
             summary["benchmarks"][b], results = score(b, items[b], rows, judge)
             with open(os.path.join(out_dir, f"{b}.scores.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in results)
@@ -377,5 +334,6 @@ def main(argv=None):
     print(report)
     return summaries
 
+
 if __name__ == "__main__":
-    main()
+    plumbing.run(main)

@@ -1,36 +1,32 @@
 """
-grpo.py - GRPO with the paper's mixed reward: how VLAA-Thinker was trained (METHOD.md section 4).
+grpo.py - GRPO with the paper's mixed reward: how VLAA-Thinker was trained.
 
     python grpo.py                                    # toy: tiny Qwen2.5-VL on CPU, ~4 min, reward rises
     accelerate launch --num_processes 8 grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct \\
         --data VLAA-Thinking-GRPO-25K.json --image-root images/ --output-dir out/grpo-3b
 
-One rollout step (the loop in main() reads in this order):
-  1. take --rollout-batch-size prompts (global); each rank owns whole groups, so group
-     statistics need no communication (PITFALLS 2, 10)
-  2. sample G = --num-generations completions per prompt at --temperature, every sample of a
-     group sharing its prompt's pixel_values rows, vision tokens suppressed (PITFALLS 1)
-  3. score each completion with the ONE verifier of its task (rewards.py): the implicit
-     format gate, then digit / mcq / math / iou / open-ended
-  4. advantages A_i = (r_i - mean_group) / (std_group + 1e-9), exactly 0 for groups whose
-     rewards are all equal (PITFALLS 5)
-  5. optimise the clipped surrogate minus beta * KL(pi || pi_ref), averaged per sequence
-     (the paper's 1/|o_i|), over --epochs passes of shuffled train batches
+For a prompt q with G completions o_1..o_G sampled from the policy before the update (pi_old):
+  (1) A_i   = (r_i - mean_j r_j) / (std_j r_j + 1e-9)             group-normalised advantage
+  (2) rho_t = pi(o_t | q, o_<t) / pi_old(o_t | q, o_<t)            per-token ratio
+  (3) KL_t  = exp(d_t) - d_t - 1,  d_t = log pi_ref - log pi       k3 estimate of KL(pi || pi_ref)
+  (4) J     = mean_i 1/|o_i| sum_t [min(rho_t A_i, clip(rho_t, 1-eps, 1+eps) A_i) - beta KL_t]
+  (5) beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon)   adaptive KL (OpenRLHF)
+r_i is the reward of o_i from the ONE verifier of its task (rewards.py); a group whose rewards are
+all equal carries no signal, and its advantages are exactly 0.
 
-How this departs from the paper (which does not say): peak LR 5e-6 (OpenRLHF's min LR is
-0.1 x peak, and the paper's min is 5e-7); clip eps 0.2 (OpenRLHF's default); the k3 KL
-estimator in the loss, its log-ratio clamped to [-10, 10]; log-probs of logits / temperature,
-so ratios are against the distribution actually sampled; max 1024 new tokens; images capped
-at 256*32*32 pixels; the vision tower frozen. The old-policy forward is skipped when each
-rollout feeds exactly one optimizer update (the ratio is then exactly 1), and the reference
-model is not even loaded when the KL coefficient is 0 (PITFALLS 12).
+How this departs from the paper, which does not say (each is a flag; --help has the values):
+  1. the peak LR: the paper gives only the cosine floor, 5e-7, and OpenRLHF's floor is 0.1 x peak
+  2. clip eps: OpenRLHF's default
+  3. the KL term is the k3 estimate (3) in the loss, d_t clamped to [-10, 10]: exp(d_t) overflows on
+     tokens the policy finds far less likely than the reference
+  4. log-probs are of logits / temperature: the ratio (2) is against the distribution sampled
+  5. the completion cap, the image pixel cap (the paper's evaluation setting), a frozen vision tower
+  6. the old-policy forward is skipped when each rollout feeds exactly one update (then rho_t = 1
+     exactly), and no reference model is loaded when beta is 0: the same maths, fewer forwards
 """
 import argparse
-import json
 import math
 import os
-import random
-import time
 from contextlib import nullcontext
 
 import torch
@@ -40,71 +36,64 @@ from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import data
+import plumbing
 import rewards
 import toy
 
-# The VLAA-Thinker recipe for real checkpoints, and a scaled-down toy one. Flags win.
+# The VLAA-Thinker recipe for real checkpoints (with our choices where the paper is silent, see the
+# docstring), and a scaled-down toy one. Each value is stated here only; --help prints both.
 PAPER = dict(num_generations=4, temperature=0.8, rollout_batch_size=512, train_batch_size=256,
              micro_batch_size=4, lr=5e-6, min_lr=5e-7, kl_coef=1e-3, kl_target=5e-4, max_new_tokens=1024,
-             max_steps=None, max_pixels=256 * 32 * 32, freeze_vision=True, eval_data=None, kinds=None)
-# Toy [ours, tuned on 2 CPU cores; see README "Toy results"]: 8 prompts x G=8 per step, one
-# on-policy update per step, no KL, 16 new tokens (concise answers need <= 13), the vision
-# tower trained. Counting tasks only (digit, math): at 0.7M parameters the MCQ forms stay at
-# chance through SFT and RL alike, and near-zero IoU rewards add noise, so rollouts spent on
-# them only slow the visible learning; every kind still runs in the tests.
+             max_steps=None, max_pixels=data.MAX_PIXELS, freeze_vision=True, eval_data=None, kinds=None,
+             eval_max_new_tokens=data.EVAL_MAX_NEW_TOKENS)
+# Toy [ours, tuned on 2 CPU cores; README "Toy results"]: 8 prompts x G=8, one on-policy update per
+# step (micro-batch: the whole per-rank batch), no KL, 16 new tokens (the concise answers need <= 13),
+# the vision tower trained. Counting tasks only: at 0.7M parameters the MCQ forms stay at chance
+# through SFT and RL alike, and near-zero IoU rewards add noise; every kind still runs in the tests.
 TOY = dict(num_generations=8, temperature=0.8, rollout_batch_size=8, train_batch_size=64,
-           micro_batch_size=64, lr=1e-4, min_lr=1e-5, kl_coef=0.0, kl_target=None, max_new_tokens=16,
-           max_steps=400, max_pixels=None, freeze_vision=False, eval_data="toy", kinds="digit,math")
+           micro_batch_size=None, lr=1e-4, min_lr=1e-5, kl_coef=0.0, kl_target=None, max_new_tokens=16,
+           max_steps=400, max_pixels=None, freeze_vision=False, eval_data="toy", kinds="digit,math",
+           eval_max_new_tokens=toy.EVAL_MAX_NEW_TOKENS)
+
+
+def preset(key):
+    return f" [real: {PAPER[key]}; toy: {TOY[key]}]"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plumbing.stage_args(__doc__, "out/grpo", "VLAA-Thinking GRPO file", preset)
     a = p.add_argument
-    a("--model", default="toy", help="policy to start from: checkpoint, hub id or run dir ('toy' = the toy policy)")
-    a("--data", default="toy", help="VLAA-Thinking GRPO file (JSON array or JSONL), 'org/name:file', or 'toy'")
-    a("--image-root", default=None, help="directory the records' `image` paths are relative to")
-    a("--output-dir", default="out/grpo")
-    a("--kinds", default=None, help="keep only these verifier kinds (toy: digit,math)")
-    a("--skip-bad", action="store_true", help="count and skip bad records instead of stopping")
     a("--reward-model", default=None, help="open-ended scorer, e.g. internlm/internlm-xcomposer2d5-7b-reward")
     a("--reward-beta", type=float, default=rewards.OPEN_BETA, help="beta of the open-ended reward (not in the paper)")
-    a("--num-generations", "-G", type=int, default=None, help="samples per prompt (paper: 4; toy: 8)")
-    a("--temperature", type=float, default=None, help="sampling temperature (paper: 0.8; toy: 0.8)")
-    a("--max-new-tokens", type=int, default=None, help="completion cap (not in the paper; ours 1024; toy 16)")
-    a("--rollout-batch-size", type=int, default=None, help="prompts per rollout step, global (paper: 512; toy: 8)")
-    a("--gen-batch-size", type=int, default=64, help="prompts per generate() call on a rank (memory knob)")
-    a("--train-batch-size", type=int, default=None, help="samples per optimizer update, global (paper: 256; toy: 64)")
-    a("--micro-batch-size", type=int, default=None, help="samples per forward on a rank (ours: 4; toy: 64)")
+    # the algorithm
+    a("--num-generations", "-G", type=int, help="G, samples per prompt" + preset("num_generations"))
+    a("--temperature", type=float, help="sampling temperature" + preset("temperature"))
+    a("--max-new-tokens", type=int, help="completion cap (not in the paper)" + preset("max_new_tokens"))
+    a("--rollout-batch-size", type=int, help="prompts per rollout step, global" + preset("rollout_batch_size"))
+    a("--train-batch-size", type=int, help="samples per optimizer update, global" + preset("train_batch_size"))
     a("--epochs", type=int, default=1, help="passes over each rollout's samples (paper: 1)")
-    a("--max-steps", type=int, default=None, help="rollout steps (default: one pass over the data, as the paper)")
-    a("--lr", type=float, default=None, help="peak LR (not in the paper; ours 5e-6; toy 1e-4)")
-    a("--min-lr", type=float, default=None, help="cosine floor (paper: 5e-7)")
+    a("--max-steps", type=int, help="rollout steps (real: one pass over the data, as the paper)" + preset("max_steps"))
+    a("--lr", type=float, help="peak LR (not in the paper)" + preset("lr"))
+    a("--min-lr", type=float, help="cosine floor" + preset("min_lr"))
     a("--warmup-ratio", type=float, default=0.03, help="linear warmup share of updates (paper: 0.03)")
-    a("--clip-eps", type=float, default=0.2, help="PPO clip (not in the paper; OpenRLHF's 0.2)")
+    a("--clip-eps", type=float, default=0.2, help="eps of (4) (not in the paper; OpenRLHF's 0.2)")
     a("--clip-eps-high", type=float, default=None, help="upper clip, DAPO's clip-higher (default: --clip-eps)")
-    a("--kl-coef", type=float, default=None, help="initial KL coefficient (paper: 1e-3; toy: 0); 0 loads no reference")
-    a("--kl-target", type=float, default=None, help="adaptive KL target (paper: 5e-4); omit for a fixed coefficient")
-    a("--kl-horizon", type=int, default=10000, help="adaptive KL horizon in samples (OpenRLHF: 10000)")
+    a("--kl-coef", type=float, help="initial beta of (4); 0 loads no reference" + preset("kl_coef"))
+    a("--kl-target", type=float, help="target of the adaptive KL (5); omit for a fixed beta" + preset("kl_target"))
+    a("--kl-horizon", type=int, default=10000, help="horizon of (5) in samples (OpenRLHF: 10000)")
     a("--loss-agg", default="seq", choices=["seq", "token", "dr_grpo"],
-      help="seq: paper's mean per sequence then over sequences; token: DAPO; dr_grpo: sum / (n x max_new_tokens)")
+      help="seq: the paper's 1/|o_i| per sequence, then mean; token: DAPO; dr_grpo: sum / (n x max_new_tokens)")
     a("--adv-std", default="unbiased", choices=["unbiased", "none"], help="none: Dr. GRPO's unscaled advantages")
-    a("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
-      help="freeze the vision tower (not in the paper; ours: frozen, as in its SFT; toy: trained)")
-    a("--gradient-checkpointing", action="store_true")
-    a("--min-pixels", type=int, default=None)
-    a("--max-pixels", type=int, default=None, help="image pixel cap (ours 256*32*32 as in the paper's eval)")
-    a("--eval-data", default=None, help="held-out split for greedy accuracy at the start and the end ('toy': test split)")
+    a("--freeze-vision", action=argparse.BooleanOptionalAction, help="(not in the paper)" + preset("freeze_vision"))
+    # memory and speed knobs: no effect on the maths
+    a("--micro-batch-size", type=int, help="samples per forward on a rank (None: all)" + preset("micro_batch_size"))
+    a("--gen-batch-size", type=int, default=64, help="prompts per generate() call on a rank")
+    # held-out evaluation, logs
+    a("--eval-data", help="held-out records scored at the start and the end ('toy': test split)" + preset("eval_data"))
     a("--eval-limit", type=int, default=None, help="evaluate only the first N held-out records")
-    a("--save-every", type=int, default=0, help="checkpoint every N rollout steps (0: only at the end)")
+    a("--eval-max-new-tokens", type=int, help="held-out answer cap, as eval.py's" + preset("eval_max_new_tokens"))
     a("--log-rollouts", type=int, default=4, help="completions per step written to rollouts.jsonl")
-    a("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    a("--seed", type=int, default=0)
-    a("--trust-remote-code", action="store_true")
-    a("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    for key, value in (TOY if args.model in ("toy", "toy-base") else PAPER).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = plumbing.apply_presets(p.parse_args(argv), PAPER, TOY)
     args.clip_eps_high = args.clip_eps_high or args.clip_eps
     return args
 
@@ -113,12 +102,12 @@ def parse_args(argv=None):
 # The algorithm, as small functions (each has a test in tests/test_grpo.py)
 
 def group_advantages(rewards_, group_size, std="unbiased", eps=1e-9):
-    """GRPO advantages for rewards laid out group by group: (N,) -> (N,).
+    """(1) for rewards laid out group by group: (B*G,) -> (B*G,).
 
     A_i = (r_i - mean) / (std + eps) with the unbiased std (as OpenRLHF at the paper's date),
     or r_i - mean with std="none" (Dr. GRPO). A group whose rewards are all equal carries no
     signal: its advantages are exactly 0, never 0/eps noise."""
-    r = rewards_.view(-1, group_size)                                     # (N/G, G)
+    r = rewards_.view(-1, group_size)                                     # (B, G)
     centred = r - r.mean(dim=1, keepdim=True)
     if std == "unbiased":
         centred = centred / (r.std(dim=1, keepdim=True, unbiased=True) + eps)
@@ -127,15 +116,15 @@ def group_advantages(rewards_, group_size, std="unbiased", eps=1e-9):
 
 
 def k3_kl(logprobs, ref_logprobs, clamp=10.0):
-    """Per-token k3 estimate of KL(pi || pi_ref): exp(d) - d - 1 with d = ref - logp.
-    d is clamped first: on rare tokens exp(d) overflows to inf, then NaN (PITFALLS 6)."""
+    """(3), per token: exp(d) - d - 1 with d = ref - logp, clamped first (exp(d) overflows to inf, then
+    NaN, on a token the policy finds far less likely than the reference). (B, T) -> (B, T)"""
     d = (ref_logprobs - logprobs).clamp(-clamp, clamp)
     return torch.exp(d) - d - 1
 
 
 def aggregate(per_token, mask, how, max_new_tokens):
     """(B, T) per-token values -> scalar loss.
-    seq     paper eq.: mean over each sequence's tokens (1/|o_i|), then mean over sequences
+    seq     the paper's (4): mean over each sequence's tokens (1/|o_i|), then mean over sequences
     token   DAPO: sum over all tokens / number of tokens
     dr_grpo Dr. GRPO: sum over all tokens / (B * max_new_tokens), a constant normaliser"""
     if how == "seq":
@@ -149,9 +138,9 @@ def aggregate(per_token, mask, how, max_new_tokens):
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, kl=None, kl_coef=0.0,
                 how="seq", max_new_tokens=1):
-    """Paper eq. (GRPO): -[min(r A, clip(r, 1-eps, 1+eps) A) - beta KL], aggregated by `how`.
-    logprobs, old_logprobs, mask: (B, T); advantages: (B,). Returns (loss, clip fraction)."""
-    ratio = torch.exp(logprobs - old_logprobs)                            # (B, T) r_t = pi / pi_old
+    """-J of (4), aggregated by `how`. logprobs, old_logprobs, mask, kl: (B, T); advantages: (B,).
+    Returns (loss, the fraction of tokens whose ratio was clipped)."""
+    ratio = torch.exp(logprobs - old_logprobs)                            # (B, T) rho_t of (2)
     adv = advantages.unsqueeze(1)                                         # (B, 1)
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
     per_token = -surrogate if kl is None else -surrogate + kl_coef * kl
@@ -160,383 +149,292 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, k
 
 
 def update_kl_coef(coef, kl, target, n_samples, horizon):
-    """OpenRLHF's adaptive KL controller: coef *= 1 + clip(kl/target - 1, -0.2, 0.2) * n/horizon."""
+    """(5), OpenRLHF's adaptive KL controller: coef *= 1 + clip(kl/target - 1, -0.2, 0.2) * n/horizon."""
     return coef * (1 + max(-0.2, min(0.2, kl / target - 1)) * n_samples / horizon)
 
 
-def repeat_groups(batch, group_size):
-    """Repeats every prompt of a processor batch G times, keeping each prompt's own image rows.
-
-    pixel_values holds the patches of all images concatenated (sum of t*h*w rows), so a
-    plain .repeat() would pair prompt i with another prompt's patches whenever B > 1 or
-    images differ in size (PITFALLS 2). Split per image, repeat each G times, concatenate."""
-    rows = batch["image_grid_thw"].prod(-1).tolist()                     # patches per image
-    pixels = torch.cat([p.repeat(group_size, 1) for p in batch["pixel_values"].split(rows)])
-    out = {k: v.repeat_interleave(group_size, dim=0) for k, v in batch.items() if k != "pixel_values"}
-    return {**out, "pixel_values": pixels}
-
-
-def completion_mask(completion_ids, eos_ids):
-    """1 up to and including the first end-of-turn token, 0 after (PITFALLS 3). (B, T) -> (B, T)."""
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
-    seen_before = (is_eos.cumsum(1) - is_eos.long()) > 0
-    return (~seen_before).float()
-
-
 def token_logprobs(model, batch, prompt_len, temperature):
-    """log pi(o_t | q, o_<t) of the completion tokens, from logits / temperature. (B, T)."""
-    logits = model(**{k: v for k, v in batch.items() if k != "completion_mask"}).logits
-    logits = logits[:, prompt_len - 1:-1].float() / temperature          # (B, T, V) predicting o_t
-    targets = batch["input_ids"][:, prompt_len:]
+    """log pi(o_t | q, o_<t) of the completion tokens, from logits / temperature. (b, T)"""
+    logits = model(**batch).logits
+    logits = logits[:, prompt_len - 1:-1].float() / temperature          # (b, T, V) predicting o_t
+    targets = batch["input_ids"][:, prompt_len:]                          # (b, T)
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def collate(samples, prompts, pad_id, processor, device="cpu"):
-    """Training micro-batch on `device`: left-padded prompt | right-padded completion, and each
-    sample's own prompt image - its pixels, or the frozen vision tower's cached output for it
-    (encode_images). Returns (batch, prompt_len)."""
-    P = max(len(prompts[s["prompt"]]["ids"]) for s in samples)
-    T = max(len(s["completion"]) for s in samples)
-    input_ids = torch.full((len(samples), P + T), pad_id, dtype=torch.long)   # (B, P+T)
-    attention = torch.zeros_like(input_ids)
-    for i, s in enumerate(samples):
-        ids, c = prompts[s["prompt"]]["ids"], s["completion"]
-        input_ids[i, P - len(ids):P], attention[i, P - len(ids):P] = ids, 1
-        input_ids[i, P:P + len(c)], attention[i, P:P + len(c)] = c, 1
-    batch = dict(input_ids=input_ids, attention_mask=attention,
-                 mm_token_type_ids=data.mm_token_types(processor, input_ids),
-                 image_grid_thw=torch.stack([prompts[s["prompt"]]["grid"] for s in samples]),
-                 completion_mask=attention[:, P:].float())
-    batch = {k: v.to(device) for k, v in batch.items()}
-    images = [prompts[s["prompt"]] for s in samples]
-    if "image_embeds" in images[0]:
-        pooled = tuple(p["image_embeds"] for p in images)               # one (tokens, hidden) per sample
-        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
-    else:
-        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in images]).to(device)
-    return batch, P
-
+# ----------------------------------------------------------------------------------------
+# Rollouts: this rank's prompts x G completions, as tensors
 
 @torch.no_grad()
-def encode_images(model, prompts, batch_size):
-    """With the vision tower frozen, a prompt's image features never change within a step: encode
-    each image once here and let the old-policy, reference and training forwards reuse them
-    (PITFALLS 12: each would otherwise re-run the encoder). The reference shares the frozen tower."""
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        pixels = torch.cat([p["pixel_values"] for p in chunk]).to(model.device)
-        grids = torch.stack([p["grid"] for p in chunk]).to(model.device)
-        features = model.get_image_features(pixels, grids, return_dict=True).pooler_output
-        for p, f in zip(chunk, features):
-            p["image_embeds"] = f                                         # (image tokens, hidden)
+def rollout(policy, processor, records, G, max_new_tokens, temperature, gen_batch_size=64, synced_gpus=False):
+    """G completions for each of this rank's B prompts; row i*G + g is completion g of prompt i.
+        prompt_ids, prompt_mask          (B*G, P)  left-padded
+        completion_ids, completion_mask  (B*G, T)  mask: 1 up to and including the first end of turn
+        truncated                        (B*G,)    no end of turn within max_new_tokens
+        pixels, grids                    B tensors: each prompt's image patches (n, C) and grid (1, 3)
+        texts                            B*G decoded completions"""
+    tok = processor.tokenizer
+    parts = []
+    for start in range(0, len(records), gen_batch_size):
+        batch = data.encode_prompts(processor, records[start:start + gen_batch_size])
+        group = {k: v.to(policy.device) for k, v in data.repeat_groups(batch, G).items()}
+        completions = plumbing.generate(policy, processor, group, max_new_tokens, temperature, synced_gpus).cpu()
+        parts.append((group["input_ids"].cpu(), group["attention_mask"].cpu(), completions,
+                      *data.completion_mask(completions, tok), batch))
+    ids, prompt_masks, completions, masks, cut, batches = zip(*parts)
+    completion_ids = data.pad_cat(completions, tok.pad_token_id)                                   # (B*G, T)
+    return dict(prompt_ids=data.pad_cat(ids, tok.pad_token_id, left=True), prompt_mask=data.pad_cat(prompt_masks, 0, left=True),
+                completion_ids=completion_ids, completion_mask=data.pad_cat(masks, 0.0), truncated=torch.cat(cut),
+                pixels=[p for b in batches for p in b["pixel_values"].split(b["image_grid_thw"].prod(-1).tolist())],
+                grids=[g for b in batches for g in b["image_grid_thw"].split(1)],
+                texts=tok.batch_decode(completion_ids, skip_special_tokens=True))
 
 
-def pad_rows(rows, like):
-    """Per-sample 1-D tensors of completion length -> (B, T) shaped like `like`, zero-padded."""
-    out = torch.zeros_like(like)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r.to(like.device)
-    return out
+def micro_batch(ro, rows, G, processor, device):
+    """Inputs of the training forward for the samples `rows` (b,) of a rollout: prompt | completion,
+    cut to the columns some row uses, with each sample's own prompt image (its pixels or, with a frozen
+    tower, its cached features). Returns (batch, P, T, mb): P prompt and T completion columns, and mb
+    the rows' slices of the rollout's per-sample tensors (mask, advantages, old/ref log-probs: (b, T), (b,))."""
+    prompt_mask, mask = ro["prompt_mask"][rows], ro["completion_mask"][rows]
+    first = int(prompt_mask.any(0).int().argmax())                        # left padding every row has
+    T = int(mask.sum(1).max())
+    input_ids = torch.cat([ro["prompt_ids"][rows, first:], ro["completion_ids"][rows, :T]], 1)   # (b, P+T)
+    prompts = (rows // G).tolist()
+    batch = dict(input_ids=input_ids, attention_mask=torch.cat([prompt_mask[:, first:], mask[:, :T].long()], 1),
+                 mm_token_type_ids=data.mm_token_types(processor, input_ids),
+                 image_grid_thw=torch.cat([ro["grids"][i] for i in prompts]))
+    data.check_image_tokens(input_ids, batch["image_grid_thw"], processor.image_token_id)  # never a cut prompt
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if "features" in ro:
+        features = tuple(ro["features"][i] for i in prompts)              # one (image tokens, hidden) per sample
+        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+    else:
+        batch["pixel_values"] = torch.cat([ro["pixels"][i] for i in prompts]).to(device)
+    mb = {k: ro[k][rows, :T].to(device) if ro[k].dim() == 2 else ro[k][rows].to(device)
+          for k in ("completion_mask", "advantages", "old_logprobs", "ref_logprobs") if k in ro}
+    return batch, input_ids.shape[1] - T, T, mb
 
 
-def rollout_metrics(accelerator, samples, scores, kinds, advantages, group_size):
-    """Rollout statistics over all ranks (PITFALLS 4, 5): reward mean/std, per-verifier means,
-    fractions well-formed / truncated / in zero-variance groups, mean completion length."""
-    sums = {"n": len(scores), "reward": sum(scores), "reward_sq": sum(x * x for x in scores),
-            "well_formed": sum(rewards.is_well_formed(s["text"]) for s in samples),
-            "truncated": sum(s["truncated"] for s in samples), "length": sum(len(s["completion"]) for s in samples),
-            "zero_std": float((advantages.view(-1, group_size) == 0).all(1).sum()), "groups": len(scores) // group_size}
+def score(ro, records, G, processor, scorer, beta):
+    """(B*G,) rewards: each completion scored by the one verifier of its task, the format gate first.
+    Boxes are compared in the frame of the image the model saw; open answers go to the reward model."""
+    contexts = []
+    for r, grid in zip(records, ro["grids"]):
+        ctx = dict(image_size=data.image_size(processor, grid[0]), question=r["question"])
+        if r["kind"] == "open":
+            ctx.update(scorer=scorer, image=data.load_image(r), reference=r["gt"], beta=beta)
+        contexts += [ctx] * G
+    gts, kinds = [r["gt"] for r in records for _ in range(G)], [r["kind"] for r in records for _ in range(G)]
+    return torch.tensor(rewards.reward_batch(ro["texts"], gts, kinds, contexts, scorer=scorer))
+
+
+def rollout_metrics(accelerator, ro, kinds, G):
+    """Means over every rank's samples: reward (and its std, and per verifier kind), the fractions
+    well-formed, cut at the token cap, and in groups with no signal, the mean completion length. A
+    reward stuck at 0 is read here: truncation, format, or one verifier."""
+    r, n = ro["rewards"].double(), len(ro["rewards"])
+    sums = {"n": n, "reward": r.sum(), "reward_sq": (r * r).sum(), "truncated": ro["truncated"].sum(),
+            "well_formed": sum(map(rewards.is_well_formed, ro["texts"])), "length": ro["completion_mask"].sum(),
+            "zero_std": (ro["advantages"].view(-1, G) == 0).all(1).sum(), "groups": n // G}
     for k in rewards.KINDS:
-        sums[f"reward/{k}"] = sum(x for x, kind in zip(scores, kinds) if kind == k)
-        sums[f"count/{k}"] = sum(kind == k for kind in kinds)
-    values = accelerator.reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=accelerator.device),
-                                reduction="sum").tolist()
-    tot = dict(zip(sums, values))
-    n, mean = tot["n"], tot["reward"] / tot["n"]
-    row = dict(reward_mean=mean, reward_std=math.sqrt(max(0.0, tot["reward_sq"] / n - mean ** 2)))
-    row.update({f"reward/{k}": tot[f"reward/{k}"] / tot[f"count/{k}"] for k in rewards.KINDS if tot[f"count/{k}"]})
-    row.update(frac_well_formed=tot["well_formed"] / n, frac_truncated=tot["truncated"] / n,
-               frac_zero_std=tot["zero_std"] / tot["groups"], response_length_mean=tot["length"] / n)
+        of_kind = torch.tensor([kind == k for kind in kinds])
+        sums[f"reward/{k}"], sums[f"count/{k}"] = r[of_kind].sum(), of_kind.sum()
+    totals = accelerator.reduce(torch.tensor([float(v) for v in sums.values()], dtype=torch.float64,
+                                             device=accelerator.device), reduction="sum").tolist()
+    t = dict(zip(sums, totals))
+    mean = t["reward"] / t["n"]
+    row = dict(reward_mean=mean, reward_std=math.sqrt(max(0.0, t["reward_sq"] / t["n"] - mean ** 2)))
+    row.update({f"reward/{k}": t[f"reward/{k}"] / t[f"count/{k}"] for k in rewards.KINDS if t[f"count/{k}"]})
+    row.update(frac_well_formed=t["well_formed"] / t["n"], frac_truncated=t["truncated"] / t["n"],
+               frac_zero_std=t["zero_std"] / t["groups"], response_length_mean=t["length"] / t["n"])
     return row
 
 
 # ----------------------------------------------------------------------------------------
-# Rollouts and evaluation
+# Setup
 
-def rollout(model, processor, records, args, synced_gpus):
-    """Samples G completions for each local prompt and keeps what training needs.
-    Returns prompts (one dict per prompt: ids, pixel_values, grid) and samples (one dict per
-    completion: prompt index, completion ids cut after the first end-of-turn, text, truncated)."""
-    tok = processor.tokenizer
-    eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
-    prompts, samples = [], []
-    for start in range(0, len(records), args.gen_batch_size):
-        chunk = records[start:start + args.gen_batch_size]
-        batch = data.encode_prompts(processor, chunk)
-        group = {k: v.to(model.device) for k, v in repeat_groups(batch, args.num_generations).items()}
-        completions = data.generate(model, processor, group, args.max_new_tokens, args.temperature, synced_gpus).cpu()
-        mask = completion_mask(completions, eos)                          # (b*G, T)
-        rows = batch["image_grid_thw"].prod(-1).tolist()
-        for i, (pixels, grid) in enumerate(zip(batch["pixel_values"].split(rows), batch["image_grid_thw"])):
-            ids = batch["input_ids"][i][batch["attention_mask"][i].bool()]
-            prompts.append({"ids": ids, "pixel_values": pixels, "grid": grid, "record": chunk[i]})
-        for j in range(len(completions)):
-            n = int(mask[j].sum())
-            c = completions[j, :n]
-            samples.append({"prompt": len(prompts) - len(chunk) + j // args.num_generations, "completion": c,
-                            "text": tok.decode(c, skip_special_tokens=True),
-                            "truncated": not bool(torch.isin(c[-1:], torch.tensor(eos)).any())})
-    return prompts, samples
+def batch_sizes(args, world):
+    """Per-rank train batch and micro-batch, after checking that whole groups and updates divide."""
+    rollout, train, samples = args.rollout_batch_size, args.train_batch_size, args.rollout_batch_size * args.num_generations
+    if rollout % world or train % world or samples % train:
+        raise plumbing.UserError(f"--rollout-batch-size ({rollout}) and --train-batch-size ({train}) must divide by the "
+                                 f"{world} processes, and rollout x G ({samples}) by --train-batch-size")
+    micro = args.micro_batch_size or train // world
+    if (train // world) % micro:
+        raise plumbing.UserError(f"the train batch per rank ({train // world}) must be a multiple of --micro-batch-size")
+    return train // world, micro
 
 
-def reward_context(processor, prompt, scorer, beta):
-    """What a verifier may need beyond the answer: the size of the image the model saw (for
-    boxes in Qwen2.5-VL's absolute-pixel frame) and, for open-ended answers, the scorer inputs."""
-    record = prompt["record"]
-    ctx = {"image_size": image_size(processor, prompt["grid"]), "question": record["question"]}
-    if record["kind"] == "open":
-        ctx.update(scorer=scorer, image=data.load_image(record), reference=record["gt"], beta=beta)
-    return ctx
+def load_data(args, accelerator):
+    """The GRPO records, and the held-out ones (rule-scored kinds only: no reward model needed)."""
+    records = plumbing.load_split(args, accelerator, "rl")
+    if len(records) < args.rollout_batch_size:
+        raise plumbing.UserError(f"{len(records)} records is less than one rollout batch of {args.rollout_batch_size}")
+    eval_records = None
+    if args.eval_data:
+        held_out = argparse.Namespace(**{**vars(args), "data": args.eval_data, "skip_bad": False})
+        eval_records = [r for r in plumbing.load_split(held_out, accelerator, "test", limit=args.eval_limit)
+                        if r["kind"] != "open"]
+    return records, eval_records
 
 
-@torch.no_grad()
-def evaluate(model, processor, records, accelerator, args, synced_gpus=False):
-    """Greedy mean reward on held-out records (= accuracy for 0/1 verifiers), sharded over ranks.
-    Returns {"all": mean, "<kind>": mean per verifier kind}. Under FSDP every rank must call
-    generate() equally often, so short shards are topped up with records that count 0 (PITFALLS 10)."""
-    world = accelerator.num_processes
-    mine = [(r, 1.0) for r in records[accelerator.process_index::world]]
-    mine += [(records[0], 0.0)] * (-(-len(records) // world) - len(mine))
-    kinds = sorted({r["kind"] for r in records})
-    sums = [[0.0, 0.0] for _ in range(len(kinds) + 1)]                  # (kinds + all) x [reward, count]
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.eval()
-    for start in range(0, len(mine), args.gen_batch_size):
-        chunk, weights = zip(*mine[start:start + args.gen_batch_size])
-        batch = {k: v.to(accelerator.device) for k, v in data.encode_prompts(processor, chunk).items()}
-        texts = data.decode(processor, data.generate(unwrapped, processor, batch, args.max_new_tokens,
-                                                     synced_gpus=synced_gpus))
-        contexts = [{"image_size": image_size(processor, g)} for g in batch["image_grid_thw"]]
-        scores = rewards.reward_batch(texts, [r["gt"] for r in chunk], [r["kind"] for r in chunk], contexts)
-        for r, w, score in zip(chunk, weights, scores):
-            for row in (kinds.index(r["kind"]), len(kinds)):
-                sums[row][0] += w * score
-                sums[row][1] += w
-    unwrapped.train()
-    sums = accelerator.reduce(torch.tensor(sums, device=accelerator.device), reduction="sum").tolist()
-    return {name: s / max(n, 1) for name, (s, n) in zip(kinds + ["all"], sums)}
-
-
-def image_size(processor, grid):
-    """(width, height) in pixels of the resized image the model saw, from its (t, h, w) patch grid:
-    the frame Qwen2.5-VL's absolute box coordinates are in (PITFALLS 8)."""
-    patch = processor.image_processor.patch_size
-    return int(grid[2]) * patch, int(grid[1]) * patch
+def load_models(args, accelerator, need_reference, open_ended):
+    """The policy with its optimizer, the frozen reference (only when the KL term is on) and the
+    open-ended reward model (only when the data has open-ended records)."""
+    model, processor, optimizer, params, path = plumbing.load_policy(args, accelerator, args.freeze_vision)
+    ref_model = scorer = None
+    if need_reference:  # a frozen copy of the starting policy, in bf16 on GPU (half the memory of fp32)
+        dtype = torch.bfloat16 if accelerator.device.type == "cuda" else None
+        ref_model, _ = plumbing.load_model(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        ref_model = accelerator.prepare_model(ref_model.requires_grad_(False).eval(), evaluation_mode=True)
+    if open_ended:
+        if not args.reward_model:
+            raise plumbing.UserError(f"{args.data} has open-ended records: pass --reward-model, or --kinds without 'open'")
+        scorer = rewards.load_scorer(args.reward_model, trust_remote_code=args.trust_remote_code,
+                                     device=accelerator.device)
+    return model, processor, optimizer, params, ref_model, scorer
 
 
 # ----------------------------------------------------------------------------------------
+# Training
+
+def optimise(model, optimizer, params, ro, processor, args, accelerator, micro, kl_coef, step, lr_at):
+    """Step 6: --epochs passes over the rollout's samples in shuffled train batches, each one optimizer
+    update accumulated over micro-batches; returns ((loss, kl, clip_frac) means, grad norms, skipped)."""
+    n, world = len(ro["rewards"]), accelerator.num_processes
+    local_train = args.train_batch_size // world
+    shuffle = torch.Generator().manual_seed(args.seed * 100_003 + step)
+    stats, grad_norms, skipped = [], [], 0  # stats stay on the device: one sync per step, not per micro-batch
+    for _ in range(args.epochs):
+        perm = torch.randperm(n, generator=shuffle)
+        for start in range(0, n, local_train):
+            rows = perm[start:start + local_train]
+            # token-level averaging (DAPO) divides by the train batch's tokens over all ranks
+            n_tokens = accelerator.reduce(ro["completion_mask"][rows].sum().to(accelerator.device), reduction="sum")
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(len(grad_norms))
+            for m in range(0, local_train, micro):
+                batch, P, T, mb = micro_batch(ro, rows[m:m + micro], args.num_generations, processor, accelerator.device)
+                mask = mb["completion_mask"]                                                          # (b, T)
+                # gradients are all-reduced only on the last micro-batch of the update
+                with accelerator.no_sync(model) if m + micro < local_train else nullcontext():
+                    logp = token_logprobs(model, batch, P, args.temperature)                         # (b, T)
+                    old = mb.get("old_logprobs", logp.detach())                                       # else rho = 1
+                    kl = k3_kl(logp, mb["ref_logprobs"]) if "ref_logprobs" in mb else None            # (b, T)
+                    loss, clip_frac = policy_loss(logp, old, mb["advantages"], mask, args.clip_eps, args.clip_eps_high,
+                                                  kl, kl_coef, args.loss_agg, args.max_new_tokens)
+                    # this micro-batch's share of the train batch's loss: a mean over its sequences
+                    # (seq, dr_grpo) or its tokens (token; DDP then averages over ranks, hence x world)
+                    share = mask.sum() / n_tokens * world if args.loss_agg == "token" else len(mask) / local_train
+                    accelerator.backward(loss * share)
+                kl_mean = aggregate(kl, mask, "seq", 1) if kl is not None else torch.zeros((), device=logp.device)
+                stats.append(torch.stack([loss, kl_mean, clip_frac]).detach())
+            grad_norm, applied = plumbing.clip_and_step(accelerator, optimizer, params)  # NaN/inf: skipped
+            grad_norms.append(grad_norm)
+            skipped += not applied
+    return accelerator.reduce(torch.stack(stats).mean(0), reduction="mean").tolist(), grad_norms, skipped
+
+
+@torch.no_grad()
+def rollout_logprobs(model, ro, processor, args, device, micro):
+    """Step 5: log-probs of every completion token of a rollout under `model`, micro-batch by
+    micro-batch, before any update. (B*G, T), 0 after each completion's end."""
+    logprobs = torch.zeros(ro["completion_mask"].shape)                                             # (B*G, T)
+    for start in range(0, len(logprobs), micro):
+        rows = torch.arange(start, min(start + micro, len(logprobs)))
+        batch, P, T, _ = micro_batch(ro, rows, args.num_generations, processor, device)
+        logprobs[rows, :T] = token_logprobs(model, batch, P, args.temperature).cpu()
+    return logprobs
+
 
 def main(argv=None):
     args = parse_args(argv)
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
-    rank, world = accelerator.process_index, accelerator.num_processes
-    random.seed(args.seed + rank)
+    rank, world, G, device = accelerator.process_index, accelerator.num_processes, args.num_generations, accelerator.device
     torch.manual_seed(args.seed + rank)  # ranks sample different completions
-    G = args.num_generations
-    samples_per_step = args.rollout_batch_size * G
-    if args.rollout_batch_size % world or args.train_batch_size % world or samples_per_step % args.train_batch_size:
-        raise SystemExit("--rollout-batch-size and --train-batch-size must divide by the number of processes, "
-                         "and rollout x G by --train-batch-size")
-    local_train = args.train_batch_size // world
-    if local_train % args.micro_batch_size:
-        raise SystemExit(f"train batch per rank ({local_train}) must be a multiple of --micro-batch-size")
-
-    # ---- data, policy, reference, scorer -------------------------------------------------
-    kinds = set(args.kinds.split(",")) if args.kinds else None
-    with accelerator.main_process_first():  # the toy is built once, by the main process
-        data_file, image_root = toy.resolve_data(args.data, args.image_root, "rl")
-        model_path = toy.resolve_model(args.model)
-    records = data.load_records(data_file, image_root, kinds=kinds, skip_bad=args.skip_bad)
-    eval_records = None
-    if args.eval_data:
-        eval_file, eval_root = toy.resolve_data(args.eval_data, args.image_root, "test")
-        eval_records = data.load_records(eval_file, eval_root, kinds=kinds, limit=args.eval_limit)
-        eval_records = [r for r in eval_records if r["kind"] != "open"]  # greedy accuracy needs no reward model
-    model, processor = data.load_model(model_path, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                                       trust_remote_code=args.trust_remote_code)
-    if args.freeze_vision:
-        data.freeze_vision(model)
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-        data.set_use_cache(model, False)
+    local_train, micro = batch_sizes(args, world)
+    records, eval_records = load_data(args, accelerator)
     use_kl = args.kl_coef > 0 or args.kl_target is not None
-    ref_model = None
-    if use_kl:  # a frozen copy of the starting policy, in bf16 on GPU (half the memory of fp32)
-        ref_dtype = torch.bfloat16 if accelerator.device.type == "cuda" else None
-        ref_model, _ = data.load_model(model_path, dtype=ref_dtype, trust_remote_code=args.trust_remote_code)
-        ref_model.requires_grad_(False).eval()
-    scorer = None
-    if any(r["kind"] == "open" for r in records):
-        if not args.reward_model:
-            raise SystemExit(f"{data_file} has open-ended records: pass --reward-model, or --kinds without 'open'")
-        scorer = rewards.load_scorer(args.reward_model, trust_remote_code=args.trust_remote_code,
-                                     device=accelerator.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)  # not in the paper: no weight decay
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if ref_model is not None:
-        ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
+    model, processor, optimizer, params, ref_model, scorer = load_models(
+        args, accelerator, use_kl, any(r["kind"] == "open" for r in records))
     policy = accelerator.unwrap_model(model)  # generate() lives on the bare model
     synced_gpus = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    # A frozen tower's features are computed once per step; not under FSDP/ZeRO-3, where calling the
-    # tower outside the model's forward would bypass the sharding hooks.
+    # Under FSDP/ZeRO-3 a tower called outside the model's forward would bypass the sharding hooks.
     cache_vision = args.freeze_vision and not synced_gpus
 
-    steps_per_epoch = len(records) // args.rollout_batch_size
-    total_steps = args.max_steps or steps_per_epoch  # paper: one pass over the 25K RL split = 49 steps
-    updates_per_step = args.epochs * samples_per_step // args.train_batch_size
-    need_old_logprobs = updates_per_step > 1  # with one update the ratio is exactly 1 (PITFALLS 12)
-    kl_coef, start_step, skipped, eval_start = args.kl_coef, 0, 0, None
-    if args.resume and (state := data.load_train_state(accelerator, args.output_dir)):
-        start_step, kl_coef, skipped = state["step"], state["kl_coef"], state["skipped_updates"]
-        eval_start = state.get("eval_start")
+    total_steps = args.max_steps or len(records) // args.rollout_batch_size  # paper: one pass over the 25K = 49 steps
+    updates = args.epochs * args.rollout_batch_size * G // args.train_batch_size  # per rollout step
+    kl_coef, start, skipped, eval_start = args.kl_coef, 0, 0, None
+    if args.resume and (state := plumbing.load_train_state(accelerator, args.output_dir)):
+        start, kl_coef, skipped, eval_start = state["step"], state["kl_coef"], state["skipped_updates"], state["eval_start"]
     os.makedirs(args.output_dir, exist_ok=True)
-    main_proc = accelerator.is_main_process
-    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if main_proc else None
-    rollouts_file = open(os.path.join(args.output_dir, "rollouts.jsonl"), "a") if main_proc else None
-    eos = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-
-    if eval_records and start_step == 0:
-        eval_start = evaluate(model, processor, eval_records, accelerator, args, synced_gpus)
-    if main_proc and eval_start is not None and not args.quiet:
-        print(f"held-out greedy accuracy before GRPO: {eval_start['all']:.3f} ({len(eval_records)} records)")
-    bar = tqdm(total=total_steps, initial=start_step, disable=args.quiet or not main_proc, desc="grpo", dynamic_ncols=True)
-    for step in range(start_step, total_steps):
-        t0 = time.time()
-        # ---- 1. this step's prompts: a fixed function of (seed, epoch, step); whole groups per rank
-        epoch, pos = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed + epoch))
-        ids = order[pos * args.rollout_batch_size:(pos + 1) * args.rollout_batch_size][rank::world].tolist()
-        local_records = [records[i] for i in ids]
-
-        # ---- 2. sample G completions per prompt
+    metrics_log, rollouts_log = (plumbing.open_log(accelerator, args.output_dir, f, start)
+                                 for f in ("metrics.jsonl", "rollouts.jsonl"))
+    heldout = (lambda: plumbing.heldout_accuracy(model, processor, eval_records, accelerator, args.gen_batch_size,
+                                                 args.eval_max_new_tokens, synced_gpus)) if eval_records else None
+    eval_start = heldout() if heldout and start == 0 else eval_start
+    say = print if accelerator.is_main_process and not args.quiet else (lambda *a: None)
+    if eval_start:
+        say(f"held-out greedy accuracy before GRPO: {eval_start['all']:.3f} ({len(eval_records)} records)")
+    bar = tqdm(total=total_steps, initial=start, disable=args.quiet or not accelerator.is_main_process, desc="grpo")
+    for step in range(start, total_steps):
+        t0 = plumbing.clock(device)
+        # ---- 1. this step's prompts: B = rollout batch / ranks, whole groups on each rank
+        mine = [records[i] for i in data.step_indices(len(records), args.rollout_batch_size, step, args.seed, rank, world)]
+        # ---- 2. sample G completions per prompt: (B*G, T) tensors
         policy.eval()
-        prompts, samples = rollout(policy, processor, local_records, args, synced_gpus)
-        gen_time = time.time() - t0
+        ro = rollout(policy, processor, mine, G, args.max_new_tokens, args.temperature, args.gen_batch_size, synced_gpus)
+        t_gen = plumbing.clock(device)
         if cache_vision:
-            with accelerator.autocast():
-                encode_images(policy, prompts, args.gen_batch_size)
+            with accelerator.autocast():  # each image once; the forwards of steps 5 and 6 reuse the features
+                ro["features"] = plumbing.encode_images(policy, ro["pixels"], ro["grids"], args.gen_batch_size)
         policy.train()
-
-        # ---- 3. rewards: one verifier per task, the format gate first
-        contexts = [reward_context(processor, prompts[s["prompt"]], scorer, args.reward_beta) for s in samples]
-        kinds_ = [prompts[s["prompt"]]["record"]["kind"] for s in samples]
-        scores = rewards.reward_batch([s["text"] for s in samples], [prompts[s["prompt"]]["record"]["gt"] for s in samples],
-                                      kinds_, contexts, scorer=scorer)
-        reward_t = torch.tensor(scores)                                  # (n_local_prompts * G,)
-
-        # ---- 4. group-normalised advantages (each group lives on this rank)
-        advantages = group_advantages(reward_t, G, args.adv_std)
-        for s, a in zip(samples, advantages.tolist()):
-            s["advantage"] = a
-
-        # ---- old-policy and reference log-probs, before any update, in training micro-batches
-        if need_old_logprobs or use_kl:
-            with torch.no_grad():
-                for i in range(0, len(samples), args.micro_batch_size):
-                    chunk = samples[i:i + args.micro_batch_size]
-                    batch, P = collate(chunk, prompts, processor.tokenizer.pad_token_id, processor, accelerator.device)
-                    old = token_logprobs(model, batch, P, args.temperature) if need_old_logprobs else None
-                    ref = token_logprobs(ref_model, batch, P, args.temperature) if use_kl else None
-                    for j, s in enumerate(chunk):
-                        n = len(s["completion"])
-                        s["old"] = old[j, :n].cpu() if old is not None else None
-                        s["ref"] = ref[j, :n].cpu() if ref is not None else None
-
-        # ---- 5. optimise: epochs x shuffled train batches, gradient accumulation over micro-batches
-        stats, grad_norms = [], []  # per micro-batch (loss, kl, clip_frac), kept on device: no sync per micro-batch
-        shuffle = torch.Generator().manual_seed(args.seed * 100_003 + step)
-        for _ in range(args.epochs):
-            perm = torch.randperm(len(samples), generator=shuffle).tolist()
-            for b in range(0, len(samples), local_train):
-                train_batch = [samples[i] for i in perm[b:b + local_train]]
-                # token-level averaging (DAPO) divides by the train batch's tokens on all ranks
-                n_tokens = accelerator.reduce(torch.tensor(float(sum(len(s["completion"]) for s in train_batch)),
-                                                           device=accelerator.device), reduction="sum")
-                lr = data.cosine_lr(step * updates_per_step + len(grad_norms), total_steps * updates_per_step,
-                                    args.warmup_ratio, args.lr, args.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                micro_batches = [train_batch[i:i + args.micro_batch_size] for i in range(0, local_train, args.micro_batch_size)]
-                for m, chunk in enumerate(micro_batches):
-                    batch, P = collate(chunk, prompts, processor.tokenizer.pad_token_id, processor, accelerator.device)
-                    data.check_image_tokens(batch["input_ids"], batch["image_grid_thw"], processor.image_token_id)
-                    mask = batch["completion_mask"]                                     # (b, T)
-                    # gradients are all-reduced only on the last micro-batch of the update
-                    with accelerator.no_sync(model) if m < len(micro_batches) - 1 else nullcontext():
-                        logp = token_logprobs(model, batch, P, args.temperature)        # (b, T)
-                        old = pad_rows([s["old"] for s in chunk], logp) if need_old_logprobs else logp.detach()
-                        kl = k3_kl(logp, pad_rows([s["ref"] for s in chunk], logp)) if use_kl else None
-                        adv = torch.tensor([s["advantage"] for s in chunk], device=logp.device)   # (b,)
-                        loss, clip_frac = policy_loss(logp, old, adv, mask, args.clip_eps, args.clip_eps_high,
-                                                      kl, kl_coef, args.loss_agg, args.max_new_tokens)
-                        # this micro-batch's share of the train batch's loss: a mean over its
-                        # sequences (seq, dr_grpo) or over its tokens (token; DDP then averages
-                        # over ranks, hence x world)
-                        share = mask.sum() / n_tokens * world if args.loss_agg == "token" else len(chunk) / local_train
-                        accelerator.backward(loss * share)
-                    kl_mean = aggregate(kl, mask, "seq", 1) if use_kl else torch.zeros((), device=logp.device)
-                    stats.append(torch.stack([loss, kl_mean, clip_frac]).detach())
-                grad_norm, applied = data.clip_and_step(accelerator, optimizer, params)  # NaN/inf: skipped
-                skipped += not applied
-                grad_norms.append(grad_norm)
-
-        # ---- metrics: sums over this rank, all-reduced into means over the global step
-        train_stats = accelerator.reduce(torch.stack(stats).mean(0), reduction="mean").tolist()  # loss, kl, clip
-        row = dict(step=step + 1, **rollout_metrics(accelerator, samples, scores, kinds_, advantages, G))
-        row.update(kl=train_stats[1], kl_coef=kl_coef, loss=train_stats[0], clip_frac=train_stats[2],
-                   grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, skipped_updates=skipped,
-                   step_time_s=time.time() - t0, gen_time_s=gen_time)
-        if args.kl_target is not None:  # adaptive KL, OpenRLHF style, on the measured KL
-            kl_coef = update_kl_coef(kl_coef, row["kl"], args.kl_target, samples_per_step, args.kl_horizon)
-        if main_proc:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            for s, score in list(zip(samples, scores))[:args.log_rollouts]:
-                rec = prompts[s["prompt"]]["record"]
-                rollouts_file.write(json.dumps(dict(step=step + 1, id=rec["id"], kind=rec["kind"], response=s["text"],
-                                                    reward=score)) + "\n")
-            rollouts_file.flush()
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
+        t_vision = plumbing.clock(device)
+        # ---- 3. rewards r_i: one verifier per task                                   (B*G,)
+        ro["rewards"] = score(ro, mine, G, processor, scorer, args.reward_beta)
+        t_reward = plumbing.clock(device)
+        # ---- 4. advantages (1), within each group                                      (B*G,)
+        ro["advantages"] = group_advantages(ro["rewards"], G, args.adv_std)
+        # ---- 5. log pi_old (only when a rollout feeds several updates) and log pi_ref (only with KL)   (B*G, T)
+        if updates > 1:
+            ro["old_logprobs"] = rollout_logprobs(model, ro, processor, args, device, micro)
+        if use_kl:
+            ro["ref_logprobs"] = rollout_logprobs(ref_model, ro, processor, args, device, micro)
+        t_logprobs = plumbing.clock(device)
+        # ---- 6. maximise (4): epochs x shuffled train batches x micro-batches
+        (loss, kl, clip_frac), grad_norms, n_skipped = optimise(
+            model, optimizer, params, ro, processor, args, accelerator, micro, kl_coef, step,
+            lambda u: plumbing.cosine_lr(step * updates + u, total_steps * updates, args.warmup_ratio, args.lr, args.min_lr))
+        skipped += n_skipped
+        t_end = plumbing.clock(device)
+        # ---- 7. log, adapt beta (5), checkpoint
+        row = dict(step=step + 1, **rollout_metrics(accelerator, ro, [r["kind"] for r in mine for _ in range(G)], G),
+                   kl=kl, kl_coef=kl_coef, loss=loss, clip_frac=clip_frac, grad_norm=sum(grad_norms) / len(grad_norms),
+                   lr=optimizer.param_groups[0]["lr"], skipped_updates=skipped, step_time_s=t_end - t0,
+                   time_generate_s=t_gen - t0, time_vision_s=t_vision - t_gen, time_reward_s=t_reward - t_vision,
+                   time_logprobs_s=t_logprobs - t_reward, time_update_s=t_end - t_logprobs)
+        if args.kl_target is not None:
+            kl_coef = update_kl_coef(kl_coef, kl, args.kl_target, args.rollout_batch_size * G, args.kl_horizon)
+        plumbing.log_row(metrics_log, row)
+        for i in range(min(args.log_rollouts, len(ro["texts"]))):
+            plumbing.log_row(rollouts_log, dict(step=step + 1, id=mine[i // G]["id"], kind=mine[i // G]["kind"],
+                                                response=ro["texts"][i], reward=float(ro["rewards"][i])))
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{kl:.4f}")
         bar.update(1)
-        state = dict(kl_coef=kl_coef, skipped_updates=skipped, eval_start=eval_start)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            data.save_checkpoint(accelerator, model, processor, args.output_dir, step + 1, state)
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
+            path = plumbing.save_checkpoint(accelerator, model, processor, args.output_dir, step + 1,
+                                            dict(kl_coef=kl_coef, skipped_updates=skipped, eval_start=eval_start))
+            if not args.quiet and accelerator.is_main_process:
+                bar.write(f"saved {path}")
     bar.close()
-    data.save_checkpoint(accelerator, model, processor, args.output_dir, total_steps,
-                         dict(kl_coef=kl_coef, skipped_updates=skipped, eval_start=eval_start))
-    eval_end = evaluate(model, processor, eval_records, accelerator, args, synced_gpus) if eval_records else None
-    in_sync = len(set(data.weights_fingerprint(accelerator, model))) == 1
-    if main_proc:
-        metrics_file.close()
-        rollouts_file.close()
-        with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
-        k = max(1, len(rows) // 10)
-        first, last = [sum(r["reward_mean"] for r in rs) / len(rs) for rs in (rows[:k], rows[-k:])]
-        summary = dict(reward_first_10pct=first, reward_last_10pct=last, eval_start=eval_start, eval_end=eval_end,
-                       steps=len(rows), skipped_updates=skipped, ranks=world, weights_in_sync=in_sync)
-        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        if not args.quiet:
-            print(f"grpo: training reward {first:.3f} (first 10% of steps) -> {last:.3f} (last 10%)")
-            if eval_end is not None:
-                before = eval_start or {}
-                print("held-out greedy accuracy: " + ", ".join(
-                    f"{k} {before.get(k, float('nan')):.3f} -> {v:.3f}" for k, v in eval_end.items()))
-            print(f"saved {data.resolve_checkpoint(args.output_dir)}")
+    eval_end = heldout() if heldout else None
+    s = plumbing.finish_run(accelerator, model, args.output_dir, "reward_mean", (metrics_log, rollouts_log),
+                            eval_start=eval_start, eval_end=eval_end, skipped_updates=skipped)
+    say(f"grpo: training reward {s['reward_mean_first_10pct']:.3f} (first 10% of steps) -> "
+        f"{s['reward_mean_last_10pct']:.3f} (last 10%)")
+    if eval_end:
+        say("held-out greedy accuracy: " + ", ".join(f"{k} {eval_start[k]:.3f} -> {v:.3f}" for k, v in eval_end.items()))
     accelerator.end_training()
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.run(main, bad_record_hint="--skip-bad counts and skips bad records")

@@ -237,6 +237,116 @@ def open_ended_reward(score_pred, score_ref, beta=OPEN_BETA):
     r = 1.0 - math.exp(-beta * gap)
     return min(1.0, max(0.0, r)) if math.isfinite(r) else 0.0
 
+
+def math_reward(pred, gt, timeout_s=None):
+    """1.0 if Math-Verify finds the answer equal to the ground truth, else 0.0 (also on error/timeout).
+
+    >>> [math_reward(a, "\\\\frac{1}{2}") for a in ["0.5", "1/2", "$\\\\frac{2}{4}$", "\\\\boxed{0.5}", "2", ""]]
+    [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    >>> math_reward("\\\\sqrt{12}", "2\\\\sqrt{3}"), math_reward("9^{9^{9^{9}}}", "2", timeout_s=1)  # too slow: 0
+    (1.0, 0.0)
+    """
+    if pred is None:
+        return 0.0
+    return _math_scores([(_as_text(gt), str(pred))], timeout_s)[0]
+
+# ----------------------------------------------------------------------------- the mixed reward
+
+def reward(response, gt, kind, **context):
+    """One response's reward: 0 unless is_well_formed, else the `kind` verifier on its answer.
+
+    context: "iou" takes image_size=(width, height); "open" needs scorer= and takes image=,
+    question=, reference= (default: gt) and beta= (default OPEN_BETA).
+    >>> reward("<think>I count 3 cubes.</think> <answer>3</answer>", 3, "digit")
+    1.0
+    >>> reward("<answer>3</answer>", 3, "digit"), reward("<think>3?</think><answer>B</answer>", "A", "mcq")
+    (0.0, 0.0)
+    """
+    return reward_batch([response], [gt], [kind], [context], context.get("scorer"))[0]
+
+
+def reward_batch(responses, gts, kinds, contexts=None, scorer=None):
+    """Rewards for a rollout step: rule verifiers inline, math on the worker pool (each distinct
+    answer once), open-ended answers and their references through the scorer in one call.
+
+    Raises only on caller mistakes (an unknown kind, "open" without a scorer), never because of
+    what the model wrote.
+    >>> ok = "<think>...</think><answer>{}</answer>"
+    >>> reward_batch([ok.format(3), ok.format("B"), "3", ok.format("[0, 0, 1, 1]")], [3, "B", 3, [0, 0, 1, 1]],
+    ...              ["digit", "mcq", "digit", "iou"])
+    [1.0, 1.0, 0.0, 1.0]
+    """
+    contexts = [{}] * len(responses) if contexts is None else contexts
+    if not len(responses) == len(gts) == len(kinds) == len(contexts):
+        raise ValueError("responses, gts, kinds and contexts must have the same length")
+    for kind, ctx in zip(kinds, contexts):
+        if kind not in KINDS:
+            raise ValueError(f"unknown reward kind {kind!r}; expected one of {KINDS}")
+        if kind == "open" and (scorer or ctx.get("scorer")) is None:
+            raise ValueError('kind "open" needs a reward model: scorer=load_scorer(...)')
+    answers = [extract_answer(r) if is_well_formed(r) else None for r in responses]  # the format gate
+    rewards, math_items, open_items = [0.0] * len(responses), [], []
+    for i, (answer, gt, kind, ctx) in enumerate(zip(answers, gts, kinds, contexts)):
+        if answer is None:
+            continue  # implicit format reward: no valid answer, no reward
+        if kind == "digit":
+            rewards[i] = digit_reward(answer, gt)
+        elif kind == "mcq":
+            rewards[i] = mcq_reward(answer, gt)
+        elif kind == "iou":
+            rewards[i] = iou_reward(answer, gt, ctx.get("image_size"))
+        else:
+            (math_items if kind == "math" else open_items).append(i)
+    for i, r in zip(math_items, _math_scores([(_as_text(gts[i]), answers[i]) for i in math_items])):
+        rewards[i] = r
+    if open_items:
+        ctxs = [contexts[i] for i in open_items]
+        refs = [_as_text(c.get("reference", gts[i])) for c, i in zip(ctxs, open_items)]
+        refs = [extract_answer(r) or r for r in refs]  # an SFT-style reference: its answer block
+        images, questions = [c.get("image") for c in ctxs], [c.get("question", "") for c in ctxs]
+        scores = (scorer or ctxs[0]["scorer"]).score(images * 2, questions * 2, [answers[i] for i in open_items] + refs)
+        n = len(open_items)  # scores: (2n,) predictions first, then references
+        for j, (i, c) in enumerate(zip(open_items, ctxs)):
+            rewards[i] = open_ended_reward(scores[j], scores[n + j], c.get("beta", OPEN_BETA))
+    return rewards
+
+# ----------------------------------------------------------------------------- routing records to verifiers
+
+_VERIFIER_NAMES = {  # the three seen in GRPO-25K, plus the paper's names for the IoU and open-ended rewards
+    "digit": "digit", "mcq": "mcq", "multiple_choice": "mcq", "math": "math",
+    "iou": "iou", "bbox": "iou", "grounding": "iou",
+    "open": "open", "open_ended": "open", "openended": "open", "reward_model": "open",
+}
+_SOURCES = (("clevr_math", "digit"), ("geoqa170k", "mcq"), ("geoqa", "mcq"), ("arxivqa", "mcq"),
+            ("synthesis", "math"), ("coco", "iou"), ("vg", "iou"),
+            ("docvqa", "open"), ("vizwiz", "open"), ("allava", "open"))
+
+
+def verifier_for(record):
+    """The reward kind for a VLAA-Thinking record: its verifier_type, else its id's source prefix.
+
+    >>> verifier_for({"id": "synthesis-7", "verifier_type": "math"}), verifier_for({"id": "geoqa170k-12"})
+    ('math', 'mcq')
+    >>> verifier_for({"id": "allava_laion-3"}), verifier_for({"id": "vg-9", "verifier_type": "IoU"})
+    ('open', 'iou')
+    """
+    rid, vtype = record.get("id"), record.get("verifier_type")
+    if vtype:
+        name = re.sub(r"[\s\-]+", "_", str(vtype).strip().lower())
+        if name not in _VERIFIER_NAMES:
+            raise ValueError(f"record {rid!r}: unknown verifier_type {vtype!r}")
+        return _VERIFIER_NAMES[name]
+    source = re.split(r"[-/]", str(rid or "").strip().lstrip("/").lower())[0]
+    for prefix, kind in _SOURCES:
+        if source == prefix or source.startswith(prefix + "_"):
+            return kind
+    raise ValueError(f"record {rid!r}: no verifier for source {source!r} (and no verifier_type)")
+
+# =============================================================================
+# Plumbing: the Math-Verify worker pool and the reward-model scorer. Not the method - what it
+# takes to run math_reward safely (bounded time, never in the caller's thread) and to score
+# open-ended answers with a reward model.
+
 # ----------------------------------------------------------------------------- math: Math-Verify in worker processes
 
 def _as_latex(text):
@@ -249,7 +359,6 @@ def _as_latex(text):
     delimited = any(d in text for d in ("$", "\\(", "\\[", "\\boxed"))
     prose = re.search(r"[A-Za-z]{3,}", re.sub(r"\\[A-Za-z]+", "", text))  # a word outside \commands
     return text if delimited or prose else f"${text}$"
-
 
 def _math_worker():
     """A worker's loop: reads one JSON [gold, pred] per line, writes "1" or "0" per line."""
@@ -375,18 +484,6 @@ def _math_scores(pairs, timeout_s=None):
     return [scores.get((g, p), 0.0) for g, p in pairs]
 
 
-def math_reward(pred, gt, timeout_s=None):
-    """1.0 if Math-Verify finds the answer equal to the ground truth, else 0.0 (also on error/timeout).
-
-    >>> [math_reward(a, "\\\\frac{1}{2}") for a in ["0.5", "1/2", "$\\\\frac{2}{4}$", "\\\\boxed{0.5}", "2", ""]]
-    [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
-    >>> math_reward("\\\\sqrt{12}", "2\\\\sqrt{3}"), math_reward("9^{9^{9^{9}}}", "2", timeout_s=1)  # too slow: 0
-    (1.0, 0.0)
-    """
-    if pred is None:
-        return 0.0
-    return _math_scores([(_as_text(gt), str(pred))], timeout_s)[0]
-
 # ----------------------------------------------------------------------------- open-ended: a reward model
 
 class RewardModelScorer:
@@ -479,95 +576,3 @@ def load_scorer(name_or_path, trust_remote_code=False, device=None, dtype=None, 
     if model.config.pad_token_id is None:  # the classifier finds each row's last token by it
         model.config.pad_token_id = tokenizer.pad_token_id
     return RewardModelScorer(model, tokenizer, "seqcls", device, batch_size, max_length)
-
-# ----------------------------------------------------------------------------- the mixed reward
-
-def reward(response, gt, kind, **context):
-    """One response's reward: 0 unless is_well_formed, else the `kind` verifier on its answer.
-
-    context: "iou" takes image_size=(width, height); "open" needs scorer= and takes image=,
-    question=, reference= (default: gt) and beta= (default OPEN_BETA).
-    >>> reward("<think>I count 3 cubes.</think> <answer>3</answer>", 3, "digit")
-    1.0
-    >>> reward("<answer>3</answer>", 3, "digit"), reward("<think>3?</think><answer>B</answer>", "A", "mcq")
-    (0.0, 0.0)
-    """
-    return reward_batch([response], [gt], [kind], [context], context.get("scorer"))[0]
-
-
-def reward_batch(responses, gts, kinds, contexts=None, scorer=None):
-    """Rewards for a rollout step: rule verifiers inline, math on the worker pool (each distinct
-    answer once), open-ended answers and their references through the scorer in one call.
-
-    Raises only on caller mistakes (an unknown kind, "open" without a scorer), never because of
-    what the model wrote.
-    >>> ok = "<think>...</think><answer>{}</answer>"
-    >>> reward_batch([ok.format(3), ok.format("B"), "3", ok.format("[0, 0, 1, 1]")], [3, "B", 3, [0, 0, 1, 1]],
-    ...              ["digit", "mcq", "digit", "iou"])
-    [1.0, 1.0, 0.0, 1.0]
-    """
-    contexts = [{}] * len(responses) if contexts is None else contexts
-    if not len(responses) == len(gts) == len(kinds) == len(contexts):
-        raise ValueError("responses, gts, kinds and contexts must have the same length")
-    for kind, ctx in zip(kinds, contexts):
-        if kind not in KINDS:
-            raise ValueError(f"unknown reward kind {kind!r}; expected one of {KINDS}")
-        if kind == "open" and (scorer or ctx.get("scorer")) is None:
-            raise ValueError('kind "open" needs a reward model: scorer=load_scorer(...)')
-    answers = [extract_answer(r) if is_well_formed(r) else None for r in responses]  # the format gate
-    rewards, math_items, open_items = [0.0] * len(responses), [], []
-    for i, (answer, gt, kind, ctx) in enumerate(zip(answers, gts, kinds, contexts)):
-        if answer is None:
-            continue  # implicit format reward: no valid answer, no reward
-        if kind == "digit":
-            rewards[i] = digit_reward(answer, gt)
-        elif kind == "mcq":
-            rewards[i] = mcq_reward(answer, gt)
-        elif kind == "iou":
-            rewards[i] = iou_reward(answer, gt, ctx.get("image_size"))
-        else:
-            (math_items if kind == "math" else open_items).append(i)
-    for i, r in zip(math_items, _math_scores([(_as_text(gts[i]), answers[i]) for i in math_items])):
-        rewards[i] = r
-    if open_items:
-        ctxs = [contexts[i] for i in open_items]
-        refs = [_as_text(c.get("reference", gts[i])) for c, i in zip(ctxs, open_items)]
-        refs = [extract_answer(r) or r for r in refs]  # an SFT-style reference: its answer block
-        images, questions = [c.get("image") for c in ctxs], [c.get("question", "") for c in ctxs]
-        scores = (scorer or ctxs[0]["scorer"]).score(images * 2, questions * 2, [answers[i] for i in open_items] + refs)
-        n = len(open_items)  # scores: (2n,) predictions first, then references
-        for j, (i, c) in enumerate(zip(open_items, ctxs)):
-            rewards[i] = open_ended_reward(scores[j], scores[n + j], c.get("beta", OPEN_BETA))
-    return rewards
-
-# ----------------------------------------------------------------------------- routing records to verifiers
-
-_VERIFIER_NAMES = {  # the three seen in GRPO-25K, plus the paper's names for the IoU and open-ended rewards
-    "digit": "digit", "mcq": "mcq", "multiple_choice": "mcq", "math": "math",
-    "iou": "iou", "bbox": "iou", "grounding": "iou",
-    "open": "open", "open_ended": "open", "openended": "open", "reward_model": "open",
-}
-_SOURCES = (("clevr_math", "digit"), ("geoqa170k", "mcq"), ("geoqa", "mcq"), ("arxivqa", "mcq"),
-            ("synthesis", "math"), ("coco", "iou"), ("vg", "iou"),
-            ("docvqa", "open"), ("vizwiz", "open"), ("allava", "open"))
-
-
-def verifier_for(record):
-    """The reward kind for a VLAA-Thinking record: its verifier_type, else its id's source prefix.
-
-    >>> verifier_for({"id": "synthesis-7", "verifier_type": "math"}), verifier_for({"id": "geoqa170k-12"})
-    ('math', 'mcq')
-    >>> verifier_for({"id": "allava_laion-3"}), verifier_for({"id": "vg-9", "verifier_type": "IoU"})
-    ('open', 'iou')
-    """
-    rid, vtype = record.get("id"), record.get("verifier_type")
-    if vtype:
-        name = re.sub(r"[\s\-]+", "_", str(vtype).strip().lower())
-        if name not in _VERIFIER_NAMES:
-            raise ValueError(f"record {rid!r}: unknown verifier_type {vtype!r}")
-        return _VERIFIER_NAMES[name]
-    source = re.split(r"[-/]", str(rid or "").strip().lstrip("/").lower())[0]
-    for prefix, kind in _SOURCES:
-        if source == prefix or source.startswith(prefix + "_"):
-            return kind
-    raise ValueError(f"record {rid!r}: no verifier for source {source!r} (and no verifier_type)")

@@ -30,6 +30,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 
 from PIL import Image, ImageDraw
 
@@ -38,17 +39,19 @@ VERSION = 5  # bump when the toy world or model changes; invalidates the cache
 
 IMAGE_SIZE = 112  # 112x112 -> 8x8 patches of 14 -> 16 image tokens after the 2x2 merge
 GRID = 4  # objects are placed on a 4x4 grid of cells, one vision token each
-# Draw on grey, not white: Qwen's patch embedding has no bias, so after CLIP normalisation
-# white patches all look alike (../shared/ENVIRONMENT.md, toy calibration).
+# Draw on grey, not white: Qwen's patch embedding has no bias, so after CLIP normalisation white
+# patches all look alike (a one-shape colour task sat at chance on white and learned fast on grey).
 BACKGROUND = (123, 117, 104)
 COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30)}
 SHAPES = ("circle", "square", "triangle")
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five"]
 SPLIT_SIZES = {"sft": 4000, "rl": 4000, "test": 1500}
 SPLIT_SEEDS = {"sft": 1, "rl": 2, "test": 3}
 # Source prefixes used by the real VLAA-Thinking ids, so rewards.verifier_for routes by id too.
 SOURCE = {"digit": "clevr_math", "mcq": "geoqa170k", "math": "synthesis", "iou": "coco", "open": "allava"}
 KIND_WEIGHTS = {"digit": 0.3, "mcq": 0.3, "math": 0.15, "iou": 0.15, "open": 0.1}
+# Held-out answers are cut at this many tokens (grpo.py's start/end accuracy and eval.py's toy table
+# alike): the toy's answers need < 100, and a model stuck in a loop is cut sooner.
+EVAL_MAX_NEW_TOKENS = 128
 
 
 # ----------------------------------------------------------------------------------------
@@ -334,6 +337,8 @@ def build_base_model(out_dir, corpus, arch="qwen2_5_vl", seed=0, hidden=128, lay
     else:
         raise ValueError(f"unknown toy architecture {arch!r} (qwen2_5_vl or qwen2_vl)")
     torch.manual_seed(seed)
+    import plumbing
+    plumbing.quiet_transformers()  # no shard-writing progress bar
     model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
@@ -354,14 +359,17 @@ def _mark_done(path):
         f.write(str(VERSION))
 
 
-def _build_atomically(path, build):
-    """Build into path.tmp, then rename: a kill mid-build never leaves a half-built cache."""
+def _build_atomically(path, build, what):
+    """Build into path.tmp, then rename: a kill mid-build never leaves a half-built cache. Says one line."""
     if _ready(path):
         return path
     tmp = path + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    print(f"toy: building {what} (once; cached in {path}) ...", end=" ", flush=True)
+    start = time.time()
     build(tmp)
+    print(f"done in {time.time() - start:.0f} s", flush=True)
     _mark_done(tmp)
     if not _ready(path):  # another process may have finished first
         shutil.rmtree(path, ignore_errors=True)
@@ -373,7 +381,8 @@ def _build_atomically(path, build):
 
 def data_dir():
     """The toy dataset directory (built on first use): sft.jsonl, rl.jsonl, test.jsonl, images/."""
-    return _build_atomically(os.path.join(TOY_DIR, f"data-v{VERSION}"), build_data)
+    sizes = " / ".join(f"{n} {split}" for split, n in SPLIT_SIZES.items())
+    return _build_atomically(os.path.join(TOY_DIR, f"data-v{VERSION}"), build_data, f"the data ({sizes} records)")
 
 
 def data_path(split):
@@ -399,7 +408,7 @@ def base_model_path(arch="qwen2_5_vl"):
     """The randomly initialised tiny model (built on first use, ~1 s)."""
     corpus = text_corpus()
     return _build_atomically(os.path.join(TOY_DIR, f"base-{arch}-v{VERSION}"),
-                             lambda out: build_base_model(out, corpus, arch=arch))
+                             lambda out: build_base_model(out, corpus, arch=arch), f"the tiny {arch} model")
 
 
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -415,16 +424,17 @@ def policy_path(arch="qwen2_5_vl"):
 
     sft.py runs in a child process on the CPU with no distributed environment, so the
     policy is the same whichever script, rank or device asked for it first."""
+    base = base_model_path(arch)  # built first, so each build says its own line
+
     def build(out):
-        base = base_model_path(arch)
         env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith("ACCELERATE_")}
         env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
         here = os.path.dirname(os.path.abspath(__file__))
         cmd = [sys.executable, os.path.join(here, "sft.py"), "--model", base, "--data", "toy",
                "--output-dir", out, "--quiet", *POLICY_SFT_ARGS]
-        print(f"building the toy policy (once, cached in {TOY_DIR}) ...", flush=True)
         subprocess.run(cmd, env=env, check=True)
-    return _build_atomically(os.path.join(TOY_DIR, f"policy-{arch}-v{VERSION}"), build)
+    return _build_atomically(os.path.join(TOY_DIR, f"policy-{arch}-v{VERSION}"), build,
+                             f"the toy policy ({POLICY_SFT_ARGS[1]} SFT steps of the tiny model)")
 
 
 def resolve_model(name):

@@ -3,6 +3,7 @@ under out/toy, like the scripts), never mocks of the model or the trainer."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -13,6 +14,15 @@ sys.path.insert(0, ROOT)
 os.chdir(ROOT)  # the toy cache (out/toy) and the scripts are relative to the repository
 
 import toy  # noqa: E402
+
+# float32 results computed with another batching, padding, thread count or CPU differ in their last
+# bits (sums run in another order): every such comparison in the suite uses this tolerance.
+FLOAT32 = dict(rtol=1e-3, atol=1e-5)
+
+
+def approx(expected):
+    """pytest.approx with the FLOAT32 tolerance."""
+    return pytest.approx(expected, rel=FLOAT32["rtol"], abs=FLOAT32["atol"])
 
 
 def pytest_addoption(parser):
@@ -45,22 +55,33 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_two_ranks(script, *args, timeout=600):
-    """Starts `script` on two CPU ranks with gloo, the launch form that really starts two
-    processes (PITFALLS 13: `accelerate launch --cpu --num_processes 2` starts one)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(script, *args, timeout=600, env=None):
+    """Starts `script` on two CPU ranks with gloo, the launch form that really starts two processes
+    (`accelerate launch --cpu --num_processes 2` silently starts one)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            script, *args]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out
 
 
-def rewind_run(run_dir, step, last_step):
-    """Make a finished run look like one killed right after its step-`step` checkpoint:
-    drop the final checkpoint, point `latest` back, and forget the later metrics lines."""
+def rewind_run(run_dir, step, last_step, logged=None):
+    """Make a finished run look like one killed after logging step `logged` (default: `step`), its
+    newest checkpoint that of step `step`: drop the final checkpoint, point `latest` back, and cut
+    the logs after `logged` - a resume must then log steps step+1.. once each."""
     shutil.rmtree(os.path.join(run_dir, f"checkpoint-{last_step}"))
     with open(os.path.join(run_dir, "latest"), "w") as f:
         f.write(f"checkpoint-{step}")
-    lines = open(os.path.join(run_dir, "metrics.jsonl")).readlines()[:step]
-    open(os.path.join(run_dir, "metrics.jsonl"), "w").writelines(lines)
+    for name in ("metrics.jsonl", "rollouts.jsonl"):
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            rows = [r for r in read_jsonl(path) if r["step"] <= (logged or step)]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -2,15 +2,18 @@
 checkpoints through the Auto classes, and sft.py (smoke, two ranks, resume)."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from PIL import Image
 
 import data
+import plumbing
 import sft
 import toy
-from conftest import read_jsonl, rewind_run, run_two_ranks
+from conftest import approx, read_jsonl, rewind_run, run_two_ranks
 
 
 # ---------------------------------------------------------------------------- the toy world
@@ -63,10 +66,10 @@ def test_model_and_processor_round_trip_through_auto_classes(base_model, tmp_pat
 
 def test_qwen2_vl_toy_builds_and_runs(tmp_path):
     path = toy.base_model_path("qwen2_vl")
-    model, processor = data.load_model(path)
+    model, processor = plumbing.load_model(path)
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
     batch = data.encode_prompts(processor, data.load_records(*toy.data_path("test"), limit=2))
-    ids = data.generate(model, processor, batch, max_new_tokens=4)
+    ids = plumbing.generate(model, processor, batch, max_new_tokens=4)
     assert ids.shape[0] == 2
 
 
@@ -121,10 +124,14 @@ def test_every_bad_record_is_named_with_its_file_and_reason(tmp_path, image_root
 
 def test_skip_bad_counts_and_keeps_the_good(tmp_path, image_root, capsys):
     records = [GOOD, {**GOOD, "id": "clevr_math-2", "image": "sub/missing.png"},
-               {**GOOD, "id": "clevr_math-3", "gt": None}, {**GOOD, "id": "clevr_math-4"}]
+               {**GOOD, "id": "clevr_math-3", "gt": None}, {**GOOD, "id": "clevr_math-4"},
+               {**GOOD, "id": "clevr_math-5", "verifier_type": "weird-kind"}, {**GOOD, "id": "mystery-6"},
+               {**GOOD, "id": "clevr_math-7", "image": "sub/gone.png"}]
     loaded = data.load_records(write_records(tmp_path, records), image_root, skip_bad=True)
     assert [r["id"] for r in loaded] == ["clevr_math-1", "clevr_math-4"]
-    assert "skipped 2 bad records of 4" in capsys.readouterr().out
+    assert capsys.readouterr().out.strip().endswith(  # each reason counted under its own words
+        "skipped 5 bad records of 7 in " + str(tmp_path / "d.json") + ": 2 x image not found, "
+        "1 x missing ground truth 'gt', 1 x no verifier for source, 1 x unknown verifier_type")
 
 
 def test_invalid_json_line_and_missing_sft_answer(tmp_path, image_root):
@@ -139,7 +146,7 @@ def test_invalid_json_line_and_missing_sft_answer(tmp_path, image_root):
 # ---------------------------------------------------------------------------- prompts and labels
 
 def test_prompt_has_system_prompt_then_image_then_question(base_model):
-    _, processor = data.load_model(base_model)
+    _, processor = plumbing.load_model(base_model)
     record = data.load_records(*toy.data_path("test"), limit=1)[0]
     text = data.prompt_text(processor, record)
     assert text.index(data.SYSTEM_PROMPT) < text.index("<|vision_start|>") < text.index(record["question"])
@@ -148,7 +155,7 @@ def test_prompt_has_system_prompt_then_image_then_question(base_model):
 
 
 def test_sft_labels_are_exactly_the_answer_and_end_of_turn(base_model):
-    _, processor = data.load_model(base_model)
+    _, processor = plumbing.load_model(base_model)
     records = data.load_records(*toy.data_path("sft"), need_answer=True, limit=6)
     batch = data.encode_sft(processor, records)
     for i, r in enumerate(records):
@@ -161,7 +168,7 @@ def test_sft_labels_are_exactly_the_answer_and_end_of_turn(base_model):
 
 
 def test_max_length_cuts_the_answer_never_the_prompt(base_model):
-    _, processor = data.load_model(base_model)
+    _, processor = plumbing.load_model(base_model)
     records = data.load_records(*toy.data_path("sft"), need_answer=True, limit=1)
     full = data.encode_sft(processor, records)
     prompt_len = int((full["labels"][0] == -100).sum() - (full["attention_mask"][0] == 0).sum())
@@ -184,33 +191,53 @@ def test_sft_smoke_loss_falls_and_checkpoint_loads(tmp_path):
     assert len(rows) == 25 and {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0])
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
     assert last < 0.6 * first, (first, last)
-    ckpt = data.resolve_checkpoint(out)
+    ckpt = plumbing.resolve_checkpoint(out)
     assert ckpt.endswith("checkpoint-25")
     config = json.load(open(os.path.join(ckpt, "config.json")))
     assert config["text_config"]["use_cache"] is True
-    model, _ = data.load_model(out)  # a run directory loads like a model directory
+    model, _ = plumbing.load_model(out)  # a run directory loads like a model directory
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_sft_gradient_checkpointing_saves_use_cache_true(tmp_path):
     out = str(tmp_path / "gc")
     sft.main([*SFT_SMALL, "--max-steps", "1", "--gradient-checkpointing", "--output-dir", out])
-    config = json.load(open(os.path.join(data.resolve_checkpoint(out), "config.json")))
-    assert config["text_config"]["use_cache"] is True  # PITFALLS 9
+    config = json.load(open(os.path.join(plumbing.resolve_checkpoint(out), "config.json")))
+    assert config["text_config"]["use_cache"] is True  # saved False, every later generate() is minutes slower
 
 
 def test_sft_resume_gives_the_same_next_losses(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     args = [*SFT_SMALL, "--max-steps", "6", "--save-every", "3"]
     sft.main([*args, "--output-dir", full])
-    # A run stopped right after its step-3 checkpoint: what a kill at step 4 or 5 leaves.
+    # A run killed after logging step 5, whose last checkpoint is step 3's
     sft.main([*args, "--output-dir", part])
-    rewind_run(part, 3, 6)
+    rewind_run(part, 3, 6, logged=5)
     sft.main([*args, "--output-dir", part, "--resume"])
     a, b = read_jsonl(os.path.join(full, "metrics.jsonl")), read_jsonl(os.path.join(part, "metrics.jsonl"))
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # steps 4 and 5 ran twice, and are logged once
     for x, y in zip(a[3:], b[3:]):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6) and x["lr"] == y["lr"]
+        assert x["loss"] == approx(y["loss"]) and x["lr"] == y["lr"]
+
+
+def test_sft_toy_defaults_run_unchanged_on_two_ranks(tmp_path):
+    out = str(tmp_path / "toy2")
+    run_two_ranks("sft.py", "--max-steps", "2", "--output-dir", out, "--quiet")
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["ranks"] == 2 and summary["weights_in_sync"] is True and summary["steps"] == 2
+
+
+@pytest.mark.parametrize("script", ["sft.py", "grpo.py"])
+def test_bad_input_is_one_line_without_a_traceback(tmp_path, image_root, script):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps({**GOOD, "answer": "<think>a</think><answer>3</answer>"}) + "\n{not json\n")
+    cmd = [sys.executable, script, "--data", str(path), "--image-root", image_root, "--output-dir", str(tmp_path / "o")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: {path}:2: not valid JSON")
+    missing = subprocess.run(cmd[:3] + [str(tmp_path / "nowhere.jsonl")] + cmd[4:], capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "no such file" in missing.stderr
 
 
 def test_sft_two_cpu_ranks_end_with_identical_weights(tmp_path):

@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import benchmarks as bm  # noqa: E402
 import eval as ev  # noqa: E402
+import plumbing  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "benchmarks")  # real test vectors, absent for users
@@ -74,19 +75,17 @@ CHOICES = {"A": "97", "B": "102", "C": "107", "D": "122"}
     (dict(type="text", answer="Sep"), "sep", 1.0),
     (dict(type="text", answer="Sep"), "September", 0.0),
     (dict(type="text", answer="Sep"), "", 0.0),
-    # the toy's verifier kinds (rewards.py)
-    (dict(type="digit", answer=3), "3", 1.0),
-    (dict(type="mcq", answer="C"), "(C)", 1.0),
-    (dict(type="math", answer="\\frac{5}{2}"), "2.5", 1.0),
 ])
 def test_match(item, pred, expected):
     assert bm.match(item, pred) == expected
 
 
-def test_iou_uses_the_image_size_the_model_saw():
-    item = dict(type="iou", answer=[0.0, 0.0, 0.5, 0.5])
-    assert bm.match(item, "[0, 0, 56, 56]", image_size=(112, 112)) == 1.0
-    assert bm.match(item, "[0, 0, 56, 56]", image_size=(224, 224)) == pytest.approx(0.25)
+def test_heldout_boxes_are_scored_in_the_image_the_model_saw():
+    record = dict(id="coco-1", kind="iou", gt=[0.0, 0.0, 0.5, 0.5])
+    answer = "<think>the box</think><answer>[0, 0, 56, 56]</answer>"
+    rows = [dict(id="coco-1", response=answer, image_size=size) for size in ((112, 112), (224, 224))]
+    assert plumbing.heldout_scores(rows, [record, record]) == pytest.approx([1.0, 0.25])
+    assert plumbing.heldout_scores([dict(rows[0], response="[0, 0, 56, 56]")], [record]) == [0.0]  # the format gate
 
 
 def test_parse_choices():
@@ -147,7 +146,7 @@ def test_tsv_loaders_decode_and_reuse_images():
     dyna = {it["id"]: it for it in ev.load_benchmark("dynamath", tsv)}
     assert sorted(dyna) == ["1-1", "1-2", "5-1", "5-2"]
     assert dyna["5-2"]["image"] == dyna["5-1"]["image"]  # "5": the image of the row with index 5
-    assert ev.open_image(dyna["1-1"]["image"]).size == (28, 28)
+    assert ev.data.load_image(dyna["1-1"]).size == (28, 28)
     wemath = ev.load_benchmark("wemath", tsv)
     assert wemath[1]["choices"]["A"].startswith("First walk 3000m") and "E" in wemath[1]["choices"]
     assert len({it["image"] for it in wemath}) == 1
@@ -183,14 +182,14 @@ def test_hub_loader_reads_the_hf_schema(monkeypatch):
     assert asked == [("DynaMath/DynaMath_Sample", None, f"sample_variant{k}") for k in range(1, 11)]
     assert [it["id"] for it in dyna[:3]] == ["1-1", "1-2", "1-3"] and len(dyna) == 20  # seed = row, variant = split
     assert (dyna[2]["answer"], dyna[2]["type"], dyna[-1]["type"]) == ("3.5", "number", "choice")
-    assert ev.open_image(dyna[0]["image"]).size == (20, 20)  # kept encoded until a batch needs it
+    assert ev.data.load_image(dyna[0]).size == (20, 20)  # kept encoded until a batch needs it
     verse_items = ev.load_benchmark("mathverse")
     assert [it["id"] for it in verse_items] == ["5", "3425"] and verse_items[0]["choices"]["D"] == "140°"
 
 
 def test_toy_split_skips_open_records():
     items = ev.load_benchmark("toy", limit=50)
-    assert len(items) == 50 and {it["type"] for it in items} <= set(ev.TOY_KINDS)
+    assert len(items) == 50 and {it["kind"] for it in items} == set(ev.TOY_KINDS)
 
 # ----------------------------------------------------------------------------- benchmark metrics
 
@@ -285,8 +284,8 @@ def test_aha_counts_are_case_insensitive_substrings():
 
 def test_generation_resumes_and_restarts_on_new_settings(tmp_path, monkeypatch):
     calls = []
-    generate = ev.data.generate
-    monkeypatch.setattr(ev.data, "generate", lambda model, processor, batch, *a, **k: calls.append(
+    generate = plumbing.generate
+    monkeypatch.setattr(plumbing, "generate", lambda model, processor, batch, *a, **k: calls.append(
         len(batch["input_ids"])) or generate(model, processor, batch, *a, **k))
     base = ["--model", "toy-base", "--output-dir", str(tmp_path), "--max-new-tokens", "4", "--batch-size", "3",
             "--quiet"]
