@@ -426,15 +426,20 @@ from concurrent.futures import as_completed  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 # Our wording of the paper's four prompts (theirs is not reproduced here).
-CAPTION_PROMPT = """Describe this image in detail for someone who cannot see it and must answer questions about it from your description alone.
-- Begin with the setting: what kind of image it is (photo, diagram, chart, document, screenshot, ...) and what it shows overall.
-- Then the objects, people and marks in it: for each its colour, shape, size and position (left or right, top or bottom, in front or behind, next to what).
-- Copy all text exactly as written. Write equations and formulas in LaTeX and do not solve or simplify them.
+CAPTION_PROMPT = """Describe this image in detail for someone who cannot see it and must answer questions
+about it from your description alone.
+- Begin with the setting: what kind of image it is (photo, diagram, chart, document, screenshot, ...) and
+  what it shows overall.
+- Then the objects, people and marks in it: for each its colour, shape, size and position (left or right,
+  top or bottom, in front or behind, next to what).
+- Copy all text exactly as written. Write equations and formulas in LaTeX; do not solve or simplify them.
 - Write tables as Markdown tables.
 Reply with the description only: no preamble, no opinions, no answers to questions."""
 
-REASON_PROMPT = """You are looking at an image and are asked a question about it. Below is everything you can see in the image, then the question.
-Reason and answer as if you were seeing the image yourself: refer to "the image", and never mention a caption, a description or any text about the image.
+REASON_PROMPT = """You are looking at an image and are asked a question about it. Below is everything you
+can see in the image, then the question. Reason and answer as if you were seeing the image yourself: refer
+to "the image", and never mention a caption, a description or any text about the image. End your answer
+with the final result stated plainly (for a multiple-choice question, the option's letter).
 
 What you see:
 {caption}
@@ -442,9 +447,13 @@ What you see:
 Question:
 {question}"""
 
-REWRITE_PROMPT = """The text below is a reasoning and an answer about an image, written by someone who was given a description of the image instead of the image itself.
-Edit it as little as possible so that it reads as if they had seen the image: replace each reference to a caption, a description, a rationale or other given text about the image (for example "the caption says", "according to the description") with a reference to the image ("the image shows", "in the image").
-Change nothing else: keep every other word, the line breaks, and the four tags around the reasoning and the answer, exactly as they are. Reply with the edited text only.
+REWRITE_PROMPT = """The text below is a reasoning and an answer about an image, written by someone who was
+given a description of the image instead of the image itself. Edit it as little as possible so that it
+reads as if they had seen the image: replace each reference to a caption, a description, a rationale or
+other given text about the image (for example "the caption says", "according to the description") with a
+reference to the image ("the image shows", "in the image"). Change nothing else: keep every other word,
+the line breaks, and the four tags around the reasoning and the answer exactly as they are.
+Reply with the edited text only.
 
 {text}"""
 
@@ -461,7 +470,8 @@ Answer:
 
 Does the answer reach the same final result as the ground truth? Reply with one word only: Yes or No."""
 
-MAX_WORDS_CHANGED = 15  # the paper's rewrite filter: a rewrite that changes more words is dropped
+MAX_WORDS_CHANGED = 15  # the paper's rewrite filter: a rewrite that changes more words is dropped (how
+                        # words are counted is not in the paper: see words_changed)
 STAGES = ("input", "caption", "reason", "rewrite", "verify", "sft", "rl")  # stats.json, in pipeline order
 
 
@@ -479,7 +489,8 @@ def words_changed(before, after):
 
 
 def verdict(text):
-    """'Yes', 'No', or None when the judge did not give a one-word verdict. Case, surrounding
+    """'Yes', 'No', or None when the judge did not give a one-word verdict (not in the paper:
+    which spellings count). Case, surrounding
     whitespace, quotes, asterisks and end punctuation are ignored ("Yes", "Yes.", "yes",
     " yes\\n", "**No**" count); anything more ("Yes, because ...") is no verdict.
 
@@ -502,7 +513,8 @@ def split_reasoning(reply):
 
 
 def reply_problem(reply):
-    """Why a reply cannot be used, or None."""
+    """Why a reply cannot be used, or None. Not in the paper: a refused, cut or empty reply is
+    dropped (a cut reasoning has no final answer), and so is a call that failed for good."""
     if "error" in reply:
         return reply["error"]
     if reply.get("refusal") or reply.get("finish_reason") == "content_filter":
@@ -542,7 +554,7 @@ def chat(client, model, messages):
     usage = resp.usage
     return {"content": message.content or "", "finish_reason": choice.finish_reason, "refusal": message.refusal,
             "reasoning": getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None) or "",
-            "tokens": [usage.prompt_tokens, usage.completion_tokens] if usage else [0, 0]}
+            "tokens": [usage.prompt_tokens or 0, usage.completion_tokens or 0] if usage else [0, 0]}
 
 
 def read_cache(paths):
@@ -611,7 +623,7 @@ def tally(counter, record):
     counter["all"] += 1
 
 
-def keep(stats, step, records, replies, accept):
+def keep_accepted(stats, step, records, replies, accept):
     """Records whose reply is usable and accepted: accept(record, reasoning, content) returns the
     updated record, or the reason (a string) to drop it. Counts kept, dropped and tokens."""
     kept = []
@@ -634,23 +646,28 @@ def caption_step(ask, stats, records):
     def messages(r):
         return [{"role": "user", "content": [{"type": "image_path", "path": r["image_path"]},
                                              {"type": "text", "text": CAPTION_PROMPT}]}]
-    return keep(stats, "caption", records, ask("caption", records, messages), lambda r, _, text: {**r, "caption": text})
+    replies = ask("caption", records, messages)
+    return keep_accepted(stats, "caption", records, replies, lambda r, _, text: {**r, "caption": text})
 
 
 def reason_step(ask, stats, records):
     """Step 2: a text reasoning model answers from the caption (+ extras) as if it saw the image."""
     def messages(r):
         extras = "".join(f"\n{label}:\n{text}\n" for label, text in (r.get("extras") or {}).items())
-        return [{"role": "user", "content": REASON_PROMPT.format(caption=r["caption"], extras=extras, question=r["question"])}]
+        prompt = REASON_PROMPT.format(caption=r["caption"], extras=extras, question=r["question"])
+        return [{"role": "user", "content": prompt}]
 
     def accept(r, reasoning, answer):
         return {**r, "reasoning": reasoning, "distilled": answer} if reasoning else "no reasoning in the reply"
-    return keep(stats, "reason", records, ask("reason", records, messages), accept)
+    return keep_accepted(stats, "reason", records, ask("reason", records, messages), accept)
 
 
 def rewrite_step(ask, stats, records):
     """Step 3: minimal edits turn references to a caption into references to the image; a rewrite
-    that changes more than MAX_WORDS_CHANGED words (see words_changed) is dropped."""
+    that changes more than MAX_WORDS_CHANGED words (see words_changed) is dropped.
+    Not in the paper: the reasoning and the answer go to the rewrite together, between
+    <reasoning> and <answer> tags (not <think>, which a reasoning model writes itself), and
+    the word limit counts both."""
     def original(r):
         return f"<reasoning>\n{r['reasoning']}\n</reasoning>\n<answer>\n{r['distilled']}\n</answer>"
 
@@ -664,8 +681,8 @@ def rewrite_step(ask, stats, records):
         if words_changed(original(r), text) > MAX_WORDS_CHANGED:
             return f"rewrite changed more than {MAX_WORDS_CHANGED} words"
         answer = f"<think>\n{tagged[1].strip()}\n</think>\n<answer>\n{tagged[2].strip()}\n</answer>"
-        return {**r, "answer": answer} if rewards.is_well_formed(answer) else "tags inside the reasoning or answer"
-    return keep(stats, "rewrite", records, ask("rewrite", records, messages), accept)
+        return {**r, "answer": answer} if rewards.is_well_formed(answer) else "empty answer, or tags inside the text"
+    return keep_accepted(stats, "rewrite", records, ask("rewrite", records, messages), accept)
 
 
 def verify_step(ask, stats, records):
@@ -677,7 +694,7 @@ def verify_step(ask, stats, records):
 
     def accept(r, _, text):
         return {"Yes": r, "No": "judged wrong"}.get(verdict(text), "no one-word verdict")
-    return keep(stats, "verify", records, ask("verify", records, messages), accept)
+    return keep_accepted(stats, "verify", records, ask("verify", records, messages), accept)
 
 
 def split_step(stats, records):
@@ -699,6 +716,8 @@ def read_build_input(path, image_root, skip_bad, limit, stats):
         i, r = item
         rid = r.get("id") if isinstance(r, dict) else None
         try:
+            if not isinstance(r, dict):
+                raise BadRecord("not a JSON object")
             if rid is None or not str(rid).strip():
                 raise BadRecord("missing 'id'")
             extras = r.get("extras") or {}
@@ -732,9 +751,11 @@ def stats_table(stats):
     seen = {s for c in kept.values() for s in c} | {s for d in stats["dropped"].values() for c in d.values() for s in c}
     sources = sorted(seen - {"all"})
     lines = ["| source | " + " | ".join(STAGES) + " |", "|---" * (len(STAGES) + 1) + "|"]
-    lines += [f"| {s} | " + " | ".join(str(kept.get(stage, {}).get(s, 0)) for stage in STAGES) + " |" for s in sources + ["all"]]
+    lines += [f"| {s} | " + " | ".join(str(kept.get(stage, {}).get(s, 0)) for stage in STAGES) + " |"
+              for s in sources + ["all"]]
     lines += ["", "| step | dropped because | records |", "|---|---|---|"]
-    lines += [f"| {step} | {why} | {c['all']} |" for step in STAGES for why, c in sorted(stats["dropped"].get(step, {}).items())]
+    lines += [f"| {step} | {why} | {c['all']} |"
+              for step in STAGES for why, c in sorted(stats["dropped"].get(step, {}).items())]
     lines += ["", "| step | prompt tokens | completion tokens |", "|---|---|---|"]
     lines += [f"| {step} | {t['prompt']} | {t['completion']} |" for step, t in stats["tokens"].items()]
     return "\n".join(lines)
@@ -749,18 +770,20 @@ def build(args):
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
     stats = {"kept": defaultdict(Counter), "dropped": defaultdict(lambda: defaultdict(Counter)),
-             "tokens": defaultdict(Counter), "run": Counter()}
+             "tokens": defaultdict(Counter), "run": {"calls": 0}}
     records = read_build_input(args.input, args.image_root, args.skip_bad, args.limit, stats)
-    # A local server needs no key; the client insists on one, so any string does.
-    client = openai.OpenAI(base_url=args.base_url, api_key=os.environ.get(args.api_key_env) or "none",
-                           max_retries=args.max_retries, timeout=args.timeout)
+    clients = {}  # one per server
 
     def ask(step, step_records, make_messages):
-        model = getattr(args, f"{step}_model")
+        model, url = getattr(args, f"{step}_model"), getattr(args, f"{step}_base_url") or args.base_url
+        if url not in clients:  # a local server needs no key, but the client insists on one: any string does
+            clients[url] = openai.OpenAI(base_url=url, api_key=os.environ.get(args.api_key_env) or "none",
+                                         max_retries=args.max_retries, timeout=args.timeout)
         try:
-            replies, calls = run_step(client, step, model, step_records, make_messages, args.out, args.concurrency)
+            replies, calls = run_step(clients[url], step, model, step_records, make_messages, args.out,
+                                      args.concurrency)
         except openai.APIStatusError as e:
-            raise SystemExit(f"{step}: {model!r} at {args.base_url}: {e}") from None
+            raise SystemExit(f"{step}: {model!r} at {url}: {e}") from None
         stats["run"]["calls"] += calls
         return replies
 
@@ -799,7 +822,7 @@ def answer_perplexity(model, processor, records, max_length=None):
     labels[labels == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")] = -100
     # Logits only from the earliest answer token on: a 150K vocabulary over the whole prompt,
     # image tokens included, would cost far more memory than the answers need.
-    keep_last = labels.shape[1] - int((labels != -100).float().argmax(1).min()) + 1
+    keep_last = min(labels.shape[1], labels.shape[1] - int((labels != -100).float().argmax(1).min()) + 1)
     logits = model(**batch, logits_to_keep=keep_last).logits[:, :-1].float()      # (B, keep_last-1, V)
     targets = labels[:, labels.shape[1] - keep_last + 1:]                          # (B, keep_last-1)
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
@@ -807,25 +830,30 @@ def answer_perplexity(model, processor, records, max_length=None):
     return torch.exp((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
 
 
+def ppl_cache(cache_dir, slug, keys):
+    """{id: perplexity} of one model from every rank's cache file, where the record is unchanged."""
+    names = sorted(f for f in os.listdir(cache_dir) if f.startswith(slug + ".rank")) if os.path.isdir(cache_dir) else []
+    return {row["id"]: row["ppl"] for row in read_cache(os.path.join(cache_dir, f) for f in names)
+            if keys.get(row.get("id")) == row.get("key")}
+
+
 def ppl_filter(args):
     """Writes the --top records of highest perplexity, averaged over --models, to --out.
 
     Each rank scores every world_size-th record; scores go to <out>.cache/<model>.rank<r>.jsonl
-    batch by batch, so a rerun (on any number of ranks) scores only what is missing."""
+    batch by batch, so a rerun (on any number of ranks) scores only what is missing or changed."""
     from accelerate import Accelerator
     accelerator = Accelerator()
     records = load_records(args.data, args.image_root, need_answer=True, skip_bad=args.skip_bad)
     if len({r["id"] for r in records}) != len(records):
         raise SystemExit(f"{args.data}: record ids are not unique; ppl-filter keys its cache by id")
+    keys = {r["id"]: hashlib.sha256(json.dumps([r["image"], r["question"], r["answer"], args.max_length,
+                                                args.max_pixels]).encode()).hexdigest()[:16] for r in records}
     cache_dir = args.out + ".cache"
     scores = []  # per model: {id: perplexity}
     for name in args.models:
         slug = re.sub(r"[^\w.-]+", "_", name).strip("_")[-100:]
-
-        def cached():
-            paths = [os.path.join(cache_dir, f) for f in sorted(os.listdir(cache_dir))] if os.path.isdir(cache_dir) else []
-            return {row["id"]: row["ppl"] for row in read_cache(p for p in paths if os.path.basename(p).startswith(slug + ".rank"))}
-        done = cached()
+        done = ppl_cache(cache_dir, slug, keys)
         mine = [r for r in records[accelerator.process_index::accelerator.num_processes] if r["id"] not in done]
         if mine:
             model, processor = load_scoring_model(name, args.max_pixels, args.trust_remote_code, accelerator.device)
@@ -833,11 +861,11 @@ def ppl_filter(args):
                 for i in tqdm(range(0, len(mine), args.batch_size), desc=name, disable=not accelerator.is_main_process):
                     batch = mine[i:i + args.batch_size]
                     for r, ppl in zip(batch, answer_perplexity(model, processor, batch, args.max_length)):
-                        cache.write(json.dumps({"id": r["id"], "ppl": ppl}) + "\n")
+                        cache.write(json.dumps({"id": r["id"], "key": keys[r["id"]], "ppl": ppl}) + "\n")
                     cache.flush()
             del model
         accelerator.wait_for_everyone()
-        scores.append(cached())
+        scores.append(ppl_cache(cache_dir, slug, keys))
     if accelerator.is_main_process:
         mean = {r["id"]: sum(s[r["id"]] for s in scores) / len(scores) for r in records}
         top = sorted(records, key=lambda r: -mean[r["id"]])[:args.top]  # a stable sort: ties keep file order
@@ -845,7 +873,8 @@ def ppl_filter(args):
             for r in top:
                 row = {k: v for k, v in r.items() if k not in ("kind", "image_path")}
                 f.write(json.dumps({**row, "perplexity": mean[r["id"]]}, ensure_ascii=False) + "\n")
-        print(f"{len(top)} of {len(records)} records, perplexity {mean[top[-1]['id']]:.3g} to {mean[top[0]['id']]:.3g}, in {args.out}")
+        low, high = mean[top[-1]["id"]], mean[top[0]["id"]]
+        print(f"{len(top)} of {len(records)} records, perplexity {low:.3g} to {high:.3g}, in {args.out}")
     accelerator.wait_for_everyone()
 
 
@@ -854,16 +883,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Build VLAA-Thinking-style data; pick perplexity subsets.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="caption, distil, rewrite, verify and split your own records")
-    b.add_argument("--input", required=True, help="JSON/JSONL records with id, image, question, gt (+ verifier_type, extras)")
+    b.add_argument("--input", required=True, help="JSON/JSONL records: id, image, question, gt (+ verifier_type, extras)")
     b.add_argument("--image-root", default=None, help="directory the records' `image` paths are relative to")
     b.add_argument("--out", required=True, help="output directory: sft.jsonl, grpo.jsonl, stats.json, cache/")
-    b.add_argument("--base-url", default="http://localhost:8000/v1", help="an OpenAI-compatible API (vLLM, SGLang, hosted)")
-    b.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (unset: none sent)")
+    b.add_argument("--base-url", default="http://localhost:8000/v1", help="OpenAI-compatible API (vLLM, SGLang, hosted)")
+    b.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API key (unset: none)")
     for step, what in (("caption", "vision model that captions images (paper: GPT-4o)"),
                        ("reason", "text reasoning model (paper: DeepSeek-R1)"),
                        ("rewrite", "model for the minimal rewrite (paper: GPT-3.5-turbo)"),
                        ("verify", "judge of answers against gt (paper: GPT-3.5-turbo)")):
         b.add_argument(f"--{step}-model", required=True, help=what)
+        b.add_argument(f"--{step}-base-url", default=None, help=f"the {step} step's server, if not --base-url")
     b.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
     b.add_argument("--max-retries", type=int, default=5, help="client retries on 429, 5xx, timeouts (with backoff)")
     b.add_argument("--timeout", type=float, default=600.0, help="seconds per request (long reasoning is slow)")
@@ -872,12 +902,13 @@ def main(argv=None):
     f = sub.add_parser("ppl-filter", help="keep the K SFT records of highest answer perplexity")
     f.add_argument("--data", required=True, help="SFT records (JSON/JSONL) with answers")
     f.add_argument("--image-root", default=None)
-    f.add_argument("--models", nargs="+", required=True, help="perplexity is averaged over these (paper: Qwen2-VL-2B, Qwen2.5-VL-3B)")
+    f.add_argument("--models", nargs="+", required=True,
+                   help="perplexity is averaged over these (paper: Qwen2-VL-2B, Qwen2.5-VL-3B)")
     f.add_argument("--top", type=int, required=True, help="how many to keep (paper: 25000, 10000, 5000)")
     f.add_argument("--out", required=True, help="JSONL of the kept records, highest perplexity first")
     f.add_argument("--batch-size", type=int, default=4, help="records per forward")
     f.add_argument("--max-length", type=int, default=4096, help="tokens per record; longer answers are cut")
-    f.add_argument("--max-pixels", type=int, default=256 * 32 * 32, help="image pixel cap (as in the paper's evaluation)")
+    f.add_argument("--max-pixels", type=int, default=256 * 32 * 32, help="image pixel cap (as the paper's evaluation)")
     f.add_argument("--skip-bad", action="store_true")
     f.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)

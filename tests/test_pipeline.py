@@ -20,10 +20,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-import data
-import toy
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # for `python tests/test_pipeline.py`; under pytest, conftest does this
+import data  # noqa: E402
+import toy  # noqa: E402
+
 ID = re.compile(r"\b[a-z0-9_]+-toy-rl-\d{5}\b")
 MODELS = ["--caption-model", "cap", "--reason-model", "r1", "--rewrite-model", "rw", "--verify-model", "judge"]
 
@@ -214,9 +215,11 @@ def test_words_changed_counts_edits_and_verdicts_are_one_word():
 
 def test_build_end_to_end_keeps_drops_and_counts_as_scripted(tmp_path, server_for):
     inp, image_root, records = toy_input(tmp_path, 30)
-    server = server_for(records)
+    server, reasoner = server_for(records), server_for(records)  # the reasoning model on a server of its own
     out = tmp_path / "built"
-    data.main(build_args(inp, image_root, out, server.url, "--limit", "25", "--concurrency", "4"))
+    data.main(build_args(inp, image_root, out, server.url, "--limit", "25", "--concurrency", "4",
+                         "--reason-base-url", reasoner.url))
+    assert {m for m, _ in server.calls} == {"cap", "rw", "judge"} and {m for m, _ in reasoner.calls} == {"r1"}
     sft = [json.loads(line) for line in open(out / "sft.jsonl")]
     rl = [json.loads(line) for line in open(out / "grpo.jsonl")]
     stats = json.load(open(out / "stats.json"))
@@ -235,9 +238,9 @@ def test_build_end_to_end_keeps_drops_and_counts_as_scripted(tmp_path, server_fo
 
     # what the models were asked: the image, then the caption + extras + question, never the image again
     r0, digit = records[16], next(r for r in records[16:25] if r["verifier_type"] == "digit")
-    assert "Scene description:" in server.texts["r1", digit["id"]]       # a record's extras go along
-    assert data.CAPTION_PROMPT in server.texts["cap", r0["id"]] and r0["question"] in server.texts["r1", r0["id"]]
-    assert f"A grey image ({r0['id']})" in server.texts["r1", r0["id"]]
+    assert "Scene description:" in reasoner.texts["r1", digit["id"]]     # a record's extras go along
+    assert data.CAPTION_PROMPT in server.texts["cap", r0["id"]] and r0["question"] in reasoner.texts["r1", r0["id"]]
+    assert f"A grey image ({r0['id']})" in reasoner.texts["r1", r0["id"]]
     # the output: the rewritten reasoning and answer, in the schema sft.py / grpo.py load
     row = next(r for r in sft if r["id"] == r0["id"])
     assert row["answer"] == (f"<think>\nThe image of {r0['id']} lists the objects. So it is done.\n</think>\n<answer>\n"
@@ -250,9 +253,9 @@ def test_build_end_to_end_keeps_drops_and_counts_as_scripted(tmp_path, server_fo
     assert len(data.load_records(str(out / "grpo.jsonl"), image_root)) == len(rl)      # as grpo.py does
 
     # a rerun asks nothing and writes the same bytes
-    calls, first = sum(server.calls.values()), outputs(out)
-    data.main(build_args(inp, image_root, out, server.url, "--limit", "25"))
-    assert sum(server.calls.values()) == calls and outputs(out) == first
+    calls, first = server.calls + reasoner.calls, outputs(out)
+    data.main(build_args(inp, image_root, out, server.url, "--limit", "25", "--reason-base-url", reasoner.url))
+    assert server.calls + reasoner.calls == calls and outputs(out) == first
     assert json.load(open(out / "stats.json"))["run"]["calls"] == 0
 
 
@@ -404,16 +407,15 @@ def test_ppl_filter_keeps_the_highest_mean_perplexity_on_two_ranks_and_resumes(t
 # ---------------------------------------------------------------------------- the README's figures
 
 if __name__ == "__main__":
-    import tempfile
     import pathlib
+    import tempfile
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     tmp = pathlib.Path(tempfile.mkdtemp())
     inp, image_root, records = toy_input(tmp, n)
-    server = ChatServer(records)
+    server = ChatServer(records)  # in this process; the build runs in its own, as it would for real
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    stats = data.build(type("Args", (), dict(input=inp, image_root=image_root, out=str(tmp / "built"), base_url=server.url,
-                                             api_key_env="OPENAI_API_KEY", caption_model="cap", reason_model="r1",
-                                             rewrite_model="rw", verify_model="judge", concurrency=16, max_retries=5,
-                                             timeout=60.0, limit=None, skip_bad=False))())
-    print(f"{n} records, {stats['run']['calls']} calls at --concurrency 16: {stats['run']['records_per_s']} records/s")
+    subprocess.run([sys.executable, "data.py", *build_args(inp, image_root, tmp / "built", server.url, "--concurrency", "16")],
+                   cwd=ROOT, check=True)
+    run = json.load(open(tmp / "built" / "stats.json"))["run"]
+    print(f"{n} records, {run['calls']} calls at --concurrency 16 in {run['seconds']} s: {run['records_per_s']} records/s")
     server.shutdown()
