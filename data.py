@@ -547,14 +547,16 @@ def chat(client, model, messages):
         raise  # a wrong key, model name or URL would fail every call alike: stop the build
     except openai.APIError as e:
         return {"error": f"API error ({type(e).__name__})"}
+    except ValueError:  # a body that is not JSON
+        return {"error": "malformed reply"}
     choice = resp.choices[0] if getattr(resp, "choices", None) else None
     message = getattr(choice, "message", None)
     if message is None or not isinstance(message.content or "", str):
         return {"error": "malformed reply"}
-    usage = resp.usage
+    tokens = [getattr(resp.usage, f"{kind}_tokens", 0) for kind in ("prompt", "completion")]
     return {"content": message.content or "", "finish_reason": choice.finish_reason, "refusal": message.refusal,
             "reasoning": getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None) or "",
-            "tokens": [usage.prompt_tokens or 0, usage.completion_tokens or 0] if usage else [0, 0]}
+            "tokens": [n if isinstance(n, int) else 0 for n in tokens]}
 
 
 def read_cache(paths):

@@ -78,8 +78,8 @@ def scripted(model, rid, text, record):
 class ChatServer(ThreadingHTTPServer):
     """/v1/chat/completions on 127.0.0.1 with scripted replies; counts requests per (model, id).
 
-    faults[(model, id)]: statuses (429, 500), "slow" (answers after 3 s) or "malformed" (200
-    with no choices) served first, one per request. hold = (model, n): that model's requests
+    faults[(model, id)]: statuses (429, 500), "slow" (answers after 3 s), "malformed" (200 with
+    no choices) or "garbage" (200 with a body that is not JSON) served first, one per request. hold = (model, n): that model's requests
     after the n-th wait until `release` is set (a build stuck mid-step, to be killed)."""
     daemon_threads = True
 
@@ -113,8 +113,8 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def send(self, status, payload, headers=()):
-        body = json.dumps(payload).encode()
+    def send(self, status, payload, headers=(), raw=False):
+        body = (payload if raw else json.dumps(payload)).encode()
         try:
             self.send_response(status)
             for k, v in [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *headers]:
@@ -146,6 +146,8 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(3.0)
         if fault == "malformed":
             return self.send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": model, "choices": []})
+        if fault == "garbage":
+            return self.send(200, "{not json", raw=True)
         message = scripted(model, rid, text, server.records[rid])
         choice = {"index": 0, "finish_reason": message.pop("finish_reason", "stop"),
                   "message": {"role": "assistant", "content": None, **message}}
@@ -266,23 +268,25 @@ def test_retries_timeouts_errors_and_malformed_replies(tmp_path, server_for):
     server.faults = {("cap", ids[16]): [429, 500],                # retried by the client, then answered
                      ("r1", ids[17]): ["slow"],                   # a timeout (--timeout 1.5), retried
                      ("judge", ids[18]): [500, 500, 500],         # more failures than --max-retries 2
-                     ("rw", ids[19]): ["malformed"]}              # 200 with no choices
+                     ("rw", ids[19]): ["malformed"],              # 200 with no choices
+                     ("rw", ids[20]): ["garbage"]}                # 200 with a body that is not JSON
     out = tmp_path / "built"
     args = build_args(inp, image_root, out, server.url, "--timeout", "1.5", "--max-retries", "2", "--concurrency", "8")
     data.main(args)
     stats = json.load(open(out / "stats.json"))
     assert server.calls["cap", ids[16]] == 3 and server.calls["r1", ids[17]] == 2 and server.calls["judge", ids[18]] == 3
     assert stats["dropped"]["verify"]["API error (InternalServerError)"]["all"] == 1
-    assert stats["dropped"]["rewrite"]["malformed reply"]["all"] == 1
+    assert stats["dropped"]["rewrite"]["malformed reply"]["all"] == 2
     sft_ids = [json.loads(line)["id"] for line in open(out / "sft.jsonl")]
-    assert ids[16] in sft_ids and ids[17] in sft_ids and ids[18] not in sft_ids and ids[19] not in sft_ids
+    assert ids[16] in sft_ids and ids[17] in sft_ids and not {ids[18], ids[19], ids[20]} & set(sft_ids)
     assert ids[18] not in cached_ids(out, "verify") and ids[19] not in cached_ids(out, "rewrite")  # errors are not cached
 
     calls = server.calls.copy()
-    data.main(args)  # the server has recovered: only the two failed calls are made again
-    assert server.calls - calls == Counter({("judge", ids[18]): 1, ("rw", ids[19]): 1, ("judge", ids[19]): 1})
+    data.main(args)  # the server has recovered: only the failed calls are made again
+    assert server.calls - calls == Counter({("judge", ids[18]): 1, ("rw", ids[19]): 1, ("judge", ids[19]): 1,
+                                            ("rw", ids[20]): 1, ("judge", ids[20]): 1})
     sft_ids = [json.loads(line)["id"] for line in open(out / "sft.jsonl")]
-    assert ids[18] in sft_ids and ids[19] in sft_ids
+    assert ids[18] in sft_ids and ids[19] in sft_ids and ids[20] in sft_ids
 
     wrong_model = build_args(inp, image_root, tmp_path / "b2", server.url)
     wrong_model[wrong_model.index("cap")] = "nope"
@@ -303,10 +307,10 @@ def test_a_killed_build_resumes_without_repeating_a_finished_call(tmp_path, serv
     out = tmp_path / "built"
     proc = subprocess.Popen([sys.executable, "data.py", *build_args(inp, image_root, out, server.url, "--concurrency", "2")],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and sum(n for (m, _), n in server.calls.items() if m == "r1") < 8:
+    deadline = time.time() + 60  # until 6 replies are cached and the next 2 requests hang
+    while time.time() < deadline and (sum(n for (m, _), n in server.calls.items() if m == "r1") < 8 or
+                                      not (out / "cache" / "reason.jsonl").exists() or len(cached_ids(out, "reason")) < 6):
         time.sleep(0.05)
-    time.sleep(0.2)  # the 6 answered replies reach the cache
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     server.hold = None
