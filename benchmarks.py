@@ -29,7 +29,6 @@ import math
 import os
 import re
 import sys
-import urllib.request
 
 import rewards
 
@@ -311,20 +310,17 @@ JUDGE_PROMPT = ("Extract the final answer from the model's response to the quest
 
 
 def make_judge(url, model, key_env):
-    """judge(item, answer) -> the answer an LLM extracts, through an OpenAI-compatible chat API."""
-    key = os.environ.get(key_env)
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    """judge(item, answer) -> the answer an LLM extracts, through an OpenAI-compatible chat API (the
+    `openai` client retries 429s, 5xx and timeouts with backoff); None when it keeps failing."""
+    import openai
+    client = openai.OpenAI(base_url=url, api_key=os.environ.get(key_env) or "none", max_retries=3, timeout=60)
 
     def judge(item, answer):
-        body = dict(model=model, temperature=0, max_tokens=128, messages=[
-            {"role": "user", "content": JUDGE_PROMPT.format(question=item["prompt"], response=answer)}])
-        request = urllib.request.Request(url.rstrip("/") + "/chat/completions", json.dumps(body).encode(), headers)
-        for _ in range(3):
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    return json.load(response)["choices"][0]["message"]["content"].strip()
-            except Exception as e:  # network, HTTP or malformed reply: retry, then keep the rules' verdict
-                error = e
-        print(f"judge failed on item {item['id']}: {error}")
-        return None
+        try:
+            reply = client.chat.completions.create(model=model, temperature=0, max_tokens=128, messages=[
+                {"role": "user", "content": JUDGE_PROMPT.format(question=item["prompt"], response=answer)}])
+            return (reply.choices[0].message.content or "").strip() or None
+        except (openai.OpenAIError, ValueError, IndexError, AttributeError) as e:  # keep the rules' verdict
+            print(f"judge failed on item {item['id']}: {e}")
+            return None
     return judge
