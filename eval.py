@@ -132,10 +132,10 @@ def generate_missing(model, processor, items, path, args, accelerator):
                       disable=args.quiet or not is_main):
             chunk, rows = mine[b * bs:(b + 1) * bs], []
             if chunk:
-                texts = [processor.apply_chat_template(  # the training system prompt, image before text
+                texts = [data.chat_prompt(processor,  # the training system prompt, image before text
                     [{"role": "system", "content": data.SYSTEM_PROMPT},
-                     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it["prompt"]}]}],
-                    tokenize=False, add_generation_prompt=True) for it in chunk]
+                     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it["prompt"]}]}])
+                    for it in chunk]
                 batch = processor(text=texts, images=[open_image(it["image"]) for it in chunk], padding=True,
                                   padding_side="left", return_tensors="pt").to(accelerator.device)
                 ids = data.generate(model, processor, batch, args.max_new_tokens).cpu()  # (b, T) greedy
