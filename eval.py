@@ -143,9 +143,10 @@ def generate_missing(model, processor, items, path, args, accelerator):
                 lengths = torch.where(stop.any(1), stop.int().argmax(1), ids.shape[1]).tolist()
                 for it, text, n, ended, (_, h, w) in zip(chunk, data.decode(processor, ids), lengths,
                                                          stop.any(1).tolist(), batch["image_grid_thw"].tolist()):
-                    # image_size: the resized image the model saw (Qwen's 14-pixel patches), for boxes
+                    # image_size: the resized image the model saw (patch grid x 14 or 16 pixels), for boxes
+                    patch = processor.image_processor.patch_size
                     rows.append(dict(id=it["id"], response=text, length=n, truncated=not ended,
-                                     image_size=[14 * w, 14 * h]))
+                                     image_size=[patch * w, patch * h]))
             rows = gather_object(rows)
             if is_main:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
