@@ -37,7 +37,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 import data
 import rewards
@@ -211,7 +211,11 @@ def collate(samples, prompts, pad_id, processor, device="cpu"):
     images = [prompts[s["prompt"]] for s in samples]
     if "image_embeds" in images[0]:
         pooled = tuple(p["image_embeds"] for p in images)               # one (tokens, hidden) per sample
-        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+        # Qwen3-VL also feeds intermediate tower outputs into its first text layers ("deepstack"):
+        # one tuple of per-sample features per such layer; the other families have none
+        deep = [tuple(layer) for layer in zip(*(p["deepstack"] for p in images))] if "deepstack" in images[0] else None
+        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithDeepstackFeatures(pooler_output=pooled,
+                                                                                     deepstack_features=deep)}
     else:
         batch["pixel_values"] = torch.cat([p["pixel_values"] for p in images]).to(device)
     return batch, P
@@ -226,9 +230,12 @@ def encode_images(model, prompts, batch_size):
         chunk = prompts[i:i + batch_size]
         pixels = torch.cat([p["pixel_values"] for p in chunk]).to(model.device)
         grids = torch.stack([p["grid"] for p in chunk]).to(model.device)
-        features = model.get_image_features(pixels, grids, return_dict=True).pooler_output
-        for p, f in zip(chunk, features):
+        out = model.get_image_features(pixels, grids, return_dict=True)
+        deep = getattr(out, "deepstack_features", None)                  # Qwen3-VL: per layer, per image
+        for j, (p, f) in enumerate(zip(chunk, out.pooler_output)):
             p["image_embeds"] = f                                         # (image tokens, hidden)
+            if deep:
+                p["deepstack"] = [layer[j] for layer in deep]             # per deepstack layer (image tokens, hidden)
 
 
 def pad_rows(rows, like):
