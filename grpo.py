@@ -391,6 +391,8 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)  # not in the paper: no weight decay
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP swaps the parameters for sharded ones: clip those (the list above would not get gradients)
+    params = [p for p in model.parameters() if p.requires_grad]
     if ref_model is not None:
         ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
     policy = accelerator.unwrap_model(model)  # generate() lives on the bare model

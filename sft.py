@@ -128,6 +128,8 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP swaps the parameters for sharded ones: clip those (the list above would not get gradients)
+    params = [p for p in model.parameters() if p.requires_grad]
 
     steps_per_epoch = len(records) // args.batch_size
     total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
