@@ -376,8 +376,9 @@ def load_train_state(accelerator, run_dir):
 def weights_fingerprint(accelerator, model):
     """Sum of |w| over all parameters, gathered from every rank: equal numbers mean the ranks
     hold the same weights (the DDP invariant that a skipped collective would break)."""
-    with torch.no_grad():
-        total = sum(p.detach().float().abs().sum() for p in accelerator.unwrap_model(model).parameters())
+    with torch.no_grad():  # under FSDP a rank holds shards (DTensors): gather each parameter whole
+        total = sum((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().abs().sum()
+                    for p in accelerator.unwrap_model(model).parameters())
     return accelerator.gather(total.reshape(1).to(accelerator.device)).tolist()
 
 
