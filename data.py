@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from PIL import Image
+from torch.distributed.fsdp import FSDPModule
 
 import rewards
 
@@ -260,8 +261,8 @@ def generate(model, processor, batch, max_new_tokens, temperature=0.0, synced_gp
     tok = processor.tokenizer
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-    if hasattr(model, "unshard"):  # FSDP2: transformers 5's generate() runs the vision tower before prefill,
-        # outside the forward hooks that gather the shards; let the prefill forward encode the images
+    if isinstance(model, FSDPModule):  # transformers 5's generate() runs the vision tower before prefill,
+        # outside the forward hooks that gather FSDP2's shards; let the prefill forward encode the images
         model._supports_mm_encoder_outputs = lambda: False
     out = model.generate(**batch, max_new_tokens=max_new_tokens, suppress_tokens=vision_token_ids(processor),
                          eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")],
