@@ -214,7 +214,13 @@ def build_messages(record):
 
 
 def prompt_text(processor, record):
-    return processor.apply_chat_template(build_messages(record), tokenize=False, add_generation_prompt=True)
+    """The chat template's generation prompt, ending where the model's answer starts.
+
+    not in the paper (its Qwen2/2.5-VL templates do not do this): Qwen3.5's template, and
+    Qwen3-VL-Thinking's, also open the think block ("...assistant\n<think>\n"). We cut that, so that
+    with every family the completion opens <think> itself, as the SFT answers and the format reward have it."""
+    text = processor.apply_chat_template(build_messages(record), tokenize=False, add_generation_prompt=True)
+    return text.removesuffix("<think>\n")
 
 
 def encode_prompts(processor, records, images=None):

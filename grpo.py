@@ -33,7 +33,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import data
 import plumbing
@@ -204,9 +203,8 @@ def micro_batch(ro, rows, G, processor, device):
                  image_grid_thw=torch.cat([ro["grids"][i] for i in prompts]))
     data.check_image_tokens(input_ids, batch["image_grid_thw"], processor.image_token_id)  # never a cut prompt
     batch = {k: v.to(device) for k, v in batch.items()}
-    if "features" in ro:
-        features = tuple(ro["features"][i] for i in prompts)              # one (image tokens, hidden) per sample
-        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+    if "features" in ro:  # a frozen tower's output, encoded once this step (plumbing.encode_images)
+        batch["mm_encoder_outputs"] = plumbing.encoder_outputs([ro["features"][i] for i in prompts])
     else:
         batch["pixel_values"] = torch.cat([ro["pixels"][i] for i in prompts]).to(device)
     mb = {k: ro[k][rows, :T].to(device) if ro[k].dim() == 2 else ro[k][rows].to(device)

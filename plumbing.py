@@ -19,6 +19,7 @@ import sys
 import time
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 import data
 import rewards
@@ -108,9 +109,10 @@ def load_policy(args, accelerator, freeze_vision, weight_decay=0.0):
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
         set_use_cache(model, False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP swaps them for sharded ones: clip those
     return model, processor, optimizer, params, path
 
 
@@ -174,6 +176,9 @@ def generate(model, processor, batch, max_new_tokens, temperature=0.0, synced_gp
     tok = processor.tokenizer
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    if isinstance(model, FSDPModule):  # transformers 5's generate() runs the vision tower before prefill,
+        # outside the forward hooks that gather FSDP2's shards; let the prefill forward encode the images
+        model._supports_mm_encoder_outputs = lambda: False
     out = model.generate(**batch, max_new_tokens=max_new_tokens, suppress_tokens=vision_token_ids(processor),
                          eos_token_id=data.end_of_turn_ids(tok), pad_token_id=tok.pad_token_id, use_cache=True,
                          synced_gpus=synced_gpus, **sampling)
@@ -182,16 +187,26 @@ def generate(model, processor, batch, max_new_tokens, temperature=0.0, synced_gp
 
 @torch.no_grad()
 def encode_images(model, pixels, grids, batch_size):
-    """Image features from the vision tower, one tensor (image tokens, hidden) per image, for forwards
-    that take them instead of pixels (transformers' `mm_encoder_outputs`). With the tower frozen, a
-    GRPO step encodes each image once and its old-policy, reference and training forwards reuse the
-    features (the reference shares the frozen tower), instead of each re-running the tower."""
+    """The vision tower's output for each image, for forwards that take it instead of pixels
+    (encoder_outputs). With the tower frozen, a GRPO step encodes each image once and its old-policy,
+    reference and training forwards reuse the features (the reference shares the frozen tower),
+    instead of each re-running the tower. Returns one tuple per image: its features (image tokens,
+    hidden), then Qwen3-VL's "deepstack" features (the tower's intermediate outputs that feed the
+    first text layers; the other families have none)."""
     features = []
     for i in range(0, len(pixels), batch_size):
-        output = model.get_image_features(torch.cat(pixels[i:i + batch_size]).to(model.device),
-                                          torch.cat(grids[i:i + batch_size]).to(model.device), return_dict=True)
-        features += list(output.pooler_output)
+        out = model.get_image_features(torch.cat(pixels[i:i + batch_size]).to(model.device),
+                                       torch.cat(grids[i:i + batch_size]).to(model.device), return_dict=True)
+        deep = getattr(out, "deepstack_features", None) or []           # per deepstack layer, per image
+        features += [(f, *(layer[j] for layer in deep)) for j, f in enumerate(out.pooler_output)]
     return features
+
+
+def encoder_outputs(features):
+    """`mm_encoder_outputs` for a forward over samples whose images' encode_images outputs are `features`."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+    pooled, *deep = zip(*features)                                       # per sample; per deepstack layer
+    return {"image": BaseModelOutputWithDeepstackFeatures(pooler_output=pooled, deepstack_features=deep or None)}
 
 
 @torch.no_grad()
@@ -360,8 +375,9 @@ def cosine_lr(step, total, warmup_ratio, peak, floor):
 def weights_fingerprint(accelerator, model):
     """Sum of |w| over all parameters, gathered from every rank: equal numbers mean the ranks
     hold the same weights (the DDP invariant that a skipped collective would break)."""
-    with torch.no_grad():
-        total = sum(p.detach().float().abs().sum() for p in accelerator.unwrap_model(model).parameters())
+    with torch.no_grad():  # under FSDP a rank holds shards (DTensors): gather each parameter whole
+        total = sum((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().abs().sum()
+                    for p in accelerator.unwrap_model(model).parameters())
     return accelerator.gather(total.reshape(1).to(accelerator.device)).tolist()
 
 

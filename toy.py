@@ -15,8 +15,8 @@ defaults to `--model toy --data toy`, which resolve to what this file builds:
     with splits sft / rl / test, and SFT traces in two styles: "concise" reasoning and
     R1-like "pseudo" reasoning (long, hesitant, "wait, let me double-check", sometimes a
     wrong step first) - the thing the paper warns about;
-  * a tiny Qwen2.5-VL (or Qwen2-VL) built from a config with the stock transformers
-    classes and a byte-level BPE trained in-process on the toy's text (vocab 1024);
+  * a tiny Qwen2.5-VL (or Qwen2-VL, Qwen3-VL, Qwen3.5: see FAMILIES) built from a config with
+    the stock transformers classes and a byte-level BPE trained in-process on the toy's text;
   * the toy *policy*: that model briefly SFT-ed by sft.py on concise answers, so it
     follows the <think>/<answer> template but is far from always right - the analogue
     of the instruct checkpoint GRPO starts from.
@@ -277,9 +277,10 @@ CHAT_TEMPLATE = (
 FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 
 
-def build_tokenizer(corpus, vocab_size=1024):
-    """A byte-level BPE trained in-process (deterministic, ~10 ms) carrying Qwen's special tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(corpus, vocab_size=1024, chat_template=CHAT_TEMPLATE, split_regex=None):
+    """A byte-level BPE trained in-process (deterministic, ~10 ms) carrying Qwen's special tokens.
+    split_regex: split words with this regex first, as a tokenizer class that imposes it will."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -288,6 +289,10 @@ def build_tokenizer(corpus, vocab_size=1024):
     # Digits are split off first, so numbers (counts, box corners) are tokens of their own.
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if split_regex:
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -296,46 +301,123 @@ def build_tokenizer(corpus, vocab_size=1024):
     # "answer", ">" a 2-layer model confuses the ">" of <answer> with that of </answer>.
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in FORMAT_TAGS])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, chat_template=CHAT_TEMPLATE, model_max_length=4096,
+                                   unk_token=None, chat_template=chat_template, model_max_length=4096,
                                    extra_special_tokens={"image_token": "<|image_pad|>",
                                                          "video_token": "<|video_pad|>",
                                                          "vision_bos_token": "<|vision_start|>",
                                                          "vision_eos_token": "<|vision_end|>"})
 
 
-def build_base_model(out_dir, corpus, arch="qwen2_5_vl", seed=0, hidden=128, layers=2, vision_dim=64):
-    """Randomly initialised tiny Qwen2.5-VL (or Qwen2-VL) + processor, saved as a normal HF checkpoint."""
-    import torch
-    from transformers import (AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
-                              Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+# Qwen3-VL's chat template (Instruct), shortened to the parts used here (no tools): unlike Qwen2-VL's
+# it adds no default system prompt; the image placeholder is the same.
+QWEN3_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
-    tokenizer = build_tokenizer(corpus)
+# Qwen3_5Tokenizer's word-splitting regex (transformers 5.24, tokenization_qwen3_5.py)
+QWEN3_5_SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"""
+                       r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+# Qwen3.5's chat template, shortened the same way: turns are trimmed, and the generation prompt
+# opens the think block itself ("<think>\n"; "<think>\n\n</think>\n\n" with enable_thinking=False).
+QWEN3_5_TEMPLATE = QWEN3_VL_TEMPLATE.replace(
+    "{% if message['content'] is string %}{{ message['content'] }}",
+    "{% if message['content'] is string %}{{ message['content'] | trim }}").replace(
+    "<|im_start|>assistant\n{% endif %}",
+    "<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}"
+    "<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}")
+
+# The Qwen VLM families the toy builds, and all they differ in, in one place (transformers 5.24).
+# Tokens (<|image_pad|>, <|vision_start|>, ...) have the same names in all four. `side`: the toy's
+# 112 px image is resized to side x side, a multiple of patch x merge (2), so every family sees
+# 16 merged image tokens; 112 is no multiple of 32, so the 16 px families see it at 128 px.
+# vision(h, v): the tower, v wide, projecting to the text width h; text(d): what the text config
+# needs beyond the shared fields, d = head dim.
+FAMILIES = {
+    "qwen2_vl": dict(
+        config="Qwen2VLConfig", processor="Qwen2VLProcessor", video="Qwen2VLVideoProcessor", patch=14, side=112,
+        mean_std={}, template=CHAT_TEMPLATE,  # CLIP mean/std (the image processor's default)
+        vision=lambda h, v: dict(depth=2, embed_dim=v, hidden_size=h, num_heads=2, mlp_ratio=2),
+        # M-RoPE: (temporal, height, width) sections of head_dim / 2 in Qwen's 2:3:3 ratio
+        text=lambda d: dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                             "mrope_section": [d // 8, 3 * d // 16, 3 * d // 16]})),
+    "qwen2_5_vl": dict(
+        config="Qwen2_5_VLConfig", processor="Qwen2_5_VLProcessor", video="Qwen2VLVideoProcessor", patch=14,
+        side=112, mean_std={}, template=CHAT_TEMPLATE,
+        vision=lambda h, v: dict(depth=2, hidden_size=v, intermediate_size=v * 2, num_heads=2, out_hidden_size=h,
+                                 fullatt_block_indexes=[1], window_size=112),  # one windowed, one full block
+        text=lambda d: dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                             "mrope_section": [d // 8, 3 * d // 16, 3 * d // 16]})),
+    "qwen3_vl": dict(
+        config="Qwen3VLConfig", processor="Qwen3VLProcessor", video="Qwen3VLVideoProcessor", patch=16, side=128,
+        mean_std=dict(image_mean=[0.5] * 3, image_std=[0.5] * 3), template=QWEN3_VL_TEMPLATE,
+        # learned position embeddings on an 8 x 8 grid (interpolated for other sizes); "deepstack":
+        # the output of vision blocks 0 and 1 is also added to the hidden states of text layers 0 and 1
+        vision=lambda h, v: dict(depth=2, hidden_size=v, intermediate_size=v * 2, num_heads=2, out_hidden_size=h,
+                                 patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
+        # interleaved M-RoPE (t, h, w, t, h, w, ...) over head_dim / 2 frequencies
+        text=lambda d: dict(head_dim=d, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                         "mrope_section": [6 * d // 32, 5 * d // 32, 5 * d // 32],
+                                                         "mrope_interleaved": True})),
+    "qwen3_5": dict(
+        config="Qwen3_5Config", processor="Qwen3VLProcessor", video="Qwen3VLVideoProcessor", patch=16, side=128,
+        mean_std=dict(image_mean=[0.5] * 3, image_std=[0.5] * 3), template=QWEN3_5_TEMPLATE,
+        # transformers loads a qwen3_5 checkpoint's tokenizer as Qwen3_5Tokenizer whatever its
+        # tokenizer_config says, and that class splits words with Qwen's regex: train the BPE with it
+        split_regex=QWEN3_5_SPLIT_REGEX,
+        vision=lambda h, v: dict(depth=2, hidden_size=v, intermediate_size=v * 2, num_heads=2, out_hidden_size=h,
+                                 patch_size=16, num_position_embeddings=64),  # Qwen3-VL's tower without deepstack
+        # hybrid: a linear-attention (Gated DeltaNet) layer, then a full-attention layer (real: 3 to 1);
+        # rotary on a quarter of each head, interleaved M-RoPE over those frequencies
+        text=lambda d: dict(head_dim=d, layer_types=["linear_attention", "full_attention"],
+                            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                            linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                             "partial_rotary_factor": 0.25, "mrope_section": [d // 16, d // 32, d // 32],
+                                             "mrope_interleaved": True})),
+}
+
+
+def build_base_model(out_dir, corpus, arch="qwen2_5_vl", seed=0, hidden=128, layers=2, vision_dim=64):
+    """Randomly initialised tiny model of one of FAMILIES + processor, saved as a normal HF checkpoint."""
+    import torch
+    import transformers
+    from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessor
+
+    if arch not in FAMILIES:
+        raise ValueError(f"unknown toy architecture {arch!r} ({', '.join(FAMILIES)})")
+    family = FAMILIES[arch]
+    tokenizer = build_tokenizer(corpus, chat_template=family["template"], split_regex=family.get("split_regex"))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    pixels = IMAGE_SIZE * IMAGE_SIZE
-    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels)  # 16 tokens per toy image
-    processor_class = Qwen2_5_VLProcessor if arch == "qwen2_5_vl" else Qwen2VLProcessor
-    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer,
-                                video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    pixels = family["side"] ** 2  # min = max: 16 image tokens per toy image
+    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=family["patch"],
+                                            **family["mean_std"])
+    video_processor = getattr(transformers, family["video"])(patch_size=family["patch"], **family["mean_std"])
+    processor = getattr(transformers, family["processor"])(image_processor=image_processor, tokenizer=tokenizer,
+                                                           video_processor=video_processor,
+                                                           chat_template=family["template"])
     heads, kv_heads = 4, 2
-    head_dim = hidden // heads
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                 max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True,
-                # M-RoPE: (temporal, height, width) sections sum to head_dim / 2, in Qwen's 2:3:3 ratio
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]})
+                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True, **family["text"](hidden // heads))
     special = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                    vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    if arch == "qwen2_5_vl":
-        vision = dict(depth=2, hidden_size=vision_dim, intermediate_size=vision_dim * 2, num_heads=2,
-                      out_hidden_size=hidden, fullatt_block_indexes=[1], window_size=112)
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **special)
-    elif arch == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=vision_dim, hidden_size=hidden, num_heads=2, mlp_ratio=2)
-        config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **special)
-    else:
-        raise ValueError(f"unknown toy architecture {arch!r} (qwen2_5_vl or qwen2_vl)")
+    config = getattr(transformers, family["config"])(text_config=text, vision_config=family["vision"](hidden, vision_dim),
+                                                      tie_word_embeddings=True, **special)
     torch.manual_seed(seed)
     import plumbing
     plumbing.quiet_transformers()  # no shard-writing progress bar

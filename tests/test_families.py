@@ -1,0 +1,172 @@
+"""Every model family of toy.FAMILIES (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) through the one
+path the scripts use: the Auto classes, data.py's prompts and batches, an SFT step, a GRPO step
+with KL (grpo.main), greedy generation with vision tokens suppressed, a checkpoint round trip,
+and boxes scored in the frame of the image the model saw. Tiny models built offline, no mocks."""
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import eval as evaluation
+import grpo
+import plumbing
+import rewards
+import sft
+import toy
+from conftest import FLOAT32, read_jsonl
+
+FAMILIES = list(toy.FAMILIES)
+CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+           "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration"}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    """(arch, base model directory) of one family's tiny model (built once, cached like the toy)."""
+    return request.param, toy.base_model_path(request.param)
+
+
+def records(split="test", n=3, kinds=("digit", "mcq", "iou")):
+    path, root = toy.data_path(split)
+    return data.load_records(path, root, kinds=set(kinds), limit=n, need_answer=split == "sft")
+
+
+def test_qwen3_5_split_regex_is_the_one_transformers_imposes():
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX
+    assert toy.QWEN3_5_SPLIT_REGEX == PRETOKENIZE_REGEX
+
+
+def test_builds_through_the_auto_classes_with_16_image_tokens(family):
+    arch, path = family
+    model, processor = plumbing.load_model(path)
+    spec = toy.FAMILIES[arch]
+    assert type(model).__name__ == CLASSES[arch] and model.config.model_type == arch
+    assert processor.image_processor.patch_size == model.config.vision_config.patch_size == spec["patch"]
+    batch = data.encode_prompts(processor, records())
+    side = spec["side"] // spec["patch"]
+    assert batch["image_grid_thw"].tolist() == [[1, side, side]] * 3
+    assert int((batch["input_ids"][0] == processor.image_token_id).sum()) == 16
+    # the prompt ends where the answer starts, so a completion opens its own <think> (format reward)
+    assert data.prompt_text(processor, records()[0]).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    text = "<think>I count them.</think><answer>[1, 2, 30, 40]</answer>"  # the saved tokenizer round-trips
+    assert processor.tokenizer.decode(processor.tokenizer(text)["input_ids"]) == text
+
+
+def test_sft_step_and_checkpoint_round_trip(family, tmp_path):
+    arch, path = family
+    from accelerate import Accelerator
+    model, processor = plumbing.load_model(path)
+    batch = data.encode_sft(processor, records("sft", 4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    for part in (model.model.visual, model.model.language_model):  # gradients reach the tower and the LM
+        grads = [p.grad for p in part.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    optimizer.step()
+    plumbing.save_checkpoint(Accelerator(), model, processor, str(tmp_path), 1, {})
+    again, processor2 = plumbing.load_model(str(tmp_path))  # a run directory -> its latest checkpoint
+    assert type(again) is type(model)
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    model.eval()
+    batch2 = data.encode_prompts(processor2, records())
+    with torch.no_grad():
+        assert torch.equal(model(**batch2).logits, again(**batch2).logits)
+
+
+def test_batched_and_cached_logprobs_match_one_at_a_time(family):
+    """Left-padded prompts | right-padded completions, and a frozen tower's cached features (Qwen3-VL's
+    deepstack features included), give the log-probs each sample gets alone from its pixels."""
+    arch, path = family
+    model, processor = plumbing.load_model(path)
+    model.eval()
+    torch.manual_seed(0)
+    ro = grpo.rollout(model, processor, records(n=3), 2, max_new_tokens=5, temperature=1.0)
+    assert (ro["prompt_mask"] == 0).any()  # prompts of different lengths: the batch is padded
+    n, rows = len(ro["texts"]), torch.arange(len(ro["texts"]))
+    with torch.no_grad():
+        alone = [grpo.token_logprobs(model, *grpo.micro_batch(ro, rows[j:j + 1], 2, processor, "cpu")[:2], 1.0)[0]
+                 for j in range(n)]
+        batch, P, _, _ = grpo.micro_batch(ro, rows, 2, processor, "cpu")
+        batched = grpo.token_logprobs(model, batch, P, 1.0)
+        ro["features"] = plumbing.encode_images(model, ro["pixels"], ro["grids"], batch_size=2)
+        batch, P, _, _ = grpo.micro_batch(ro, rows, 2, processor, "cpu")
+        assert "pixel_values" not in batch and "mm_encoder_outputs" in batch
+        cached = grpo.token_logprobs(model, batch, P, 1.0)
+    for j in range(n):
+        m = len(alone[j])
+        assert torch.allclose(batched[j, :m], alone[j], **FLOAT32), (arch, j)
+        assert torch.allclose(cached[j, :m], alone[j], **FLOAT32), (arch, j)
+
+
+def test_greedy_generation_never_emits_vision_tokens(family):
+    arch, path = family
+    model, processor = plumbing.load_model(path)
+    vision = plumbing.vision_token_ids(processor)
+    torch.manual_seed(0)  # the draw below must not depend on the tests run before
+    with torch.no_grad():  # make the vision tokens the greedy choice: the head is tied to the embeddings
+        head = model.get_output_embeddings().weight
+        head[vision] = head.abs().max() * 50 * torch.sign(torch.randn(len(vision), head.shape[1]))
+    batch = data.encode_prompts(processor, records())
+    raw = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    assert torch.isin(raw, torch.tensor(vision)).any(), "the test must make vision tokens likely"
+    ids = plumbing.generate(model, processor, batch, max_new_tokens=6)
+    assert ids.shape[0] == 3 and not torch.isin(ids, torch.tensor(vision)).any()
+    assert torch.equal(ids, plumbing.generate(model, processor, batch, max_new_tokens=6))  # greedy: deterministic
+
+
+def test_grpo_step_with_kl_and_frozen_tower(family, tmp_path, monkeypatch):
+    """grpo.main with a reference model (KL 1e-3) and the frozen tower's feature cache, any
+    family; greedy held-out eval at both ends; the checkpoint loads back and has moved."""
+    arch, path = family
+    out = str(tmp_path / "g")
+    # An untrained model earns reward 0 on every sample: zero advantages, and the KL term has no
+    # gradient at the first step, so nothing would move. A reward that tells apart any two
+    # different texts gives every group a signal (only the rollouts' rewards are replaced).
+    text_reward = lambda texts, *args, **kwargs: [sum(map(ord, t)) % 97 / 97 for t in texts]  # noqa: E731
+    monkeypatch.setattr(rewards, "reward_batch", text_reward)
+    grpo.main(["--model", path, "--kinds", "digit,mcq,math,iou", "--rollout-batch-size", "2", "-G", "2",
+               "--train-batch-size", "4", "--micro-batch-size", "4", "--max-new-tokens", "8", "--max-steps", "1",
+               "--kl-coef", "1e-3", "--lr", "1e-3", "--freeze-vision", "--eval-data", "toy", "--eval-limit", "2",
+               "--output-dir", out, "--quiet"])
+    row = read_jsonl(os.path.join(out, "metrics.jsonl"))[0]
+    assert all(row[k] == row[k] for k in ("loss", "kl", "grad_norm")) and row["kl"] >= 0  # not NaN
+    assert row["frac_zero_std"] < 1 and row["grad_norm"] > 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["eval_end"] is not None and summary["skipped_updates"] == 0
+    base, _ = plumbing.load_model(path)
+    trained, _ = plumbing.load_model(out)
+    assert type(trained) is type(base)
+    moved = {k for (k, v), v2 in zip(base.state_dict().items(), trained.state_dict().values()) if not torch.equal(v, v2)}
+    assert moved and not any(".visual." in k for k in moved)  # the LM trained, the frozen tower did not
+
+
+def test_sft_script_one_step(family, tmp_path):
+    arch, path = family
+    out = str(tmp_path / "s")
+    sft.main(["--model", path, "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "1", "--lr", "1e-3",
+              "--kinds", "digit,mcq", "--output-dir", out, "--quiet"])
+    assert json.load(open(os.path.join(out, "summary.json")))["loss_last_10pct"] > 0
+    assert type(plumbing.load_model(out)[0]).__name__ == CLASSES[arch]
+
+
+def test_boxes_are_scored_in_the_frame_of_the_image_the_model_saw(family, tmp_path):
+    """eval.py and grpo.py take the resized image's size (patch grid x the family's patch) so that
+    an absolute-pixel box is mapped back correctly: 128 px for the 16 px families, not 112."""
+    arch, path = family
+    side = toy.FAMILIES[arch]["side"]
+    out = str(tmp_path / "e")
+    evaluation.main(["--model", f"m={path}", "--benchmarks", "toy", "--limit", "3", "--max-new-tokens", "4",
+                     "--output-dir", out, "--quiet"])
+    rows = read_jsonl(os.path.join(out, "m", "toy.jsonl"))
+    assert len(rows) == 3 and all(r["image_size"] == [side, side] for r in rows)
+    _, processor = plumbing.load_model(path)
+    grid = data.encode_prompts(processor, records(n=1))["image_grid_thw"][0]
+    assert data.image_size(processor, grid) == (side, side)
+    gt = [0.25, 0.5, 0.5, 0.75]  # normalised, as the toy's grounding records
+    box = "[" + ", ".join(str(round(v * side)) for v in gt) + "]"  # the box in the pixels the model saw
+    assert rewards.iou_reward(box, gt, tuple(rows[0]["image_size"])) == pytest.approx(1.0)
