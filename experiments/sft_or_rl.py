@@ -50,10 +50,9 @@ PY = sys.executable
 
 
 def toy_flags(preset):
-    """A preset dict as flags. grpo.py picks its toy recipe only for --model toy, so a run that starts
-    from an SFT checkpoint is given it explicitly: every arm gets the same recipe. A value the toy leaves
-    unset (None) cannot be passed: the real one fills it. Of those only kl_target matters, and only for
-    speed: with the KL coefficient 0 a run from a checkpoint loads a reference it does not use."""
+    """A preset dict as flags. grpo.py takes its toy recipe only for --model toy, so a run from an SFT
+    checkpoint is given it explicitly. A value the toy leaves unset (None) cannot be passed, and the real
+    one fills it: only kl_target matters, for speed alone (at KL coefficient 0 the reference is unused)."""
     flags = []
     for key, value in preset.items():
         name = "--" + key.replace("_", "-")
@@ -87,15 +86,12 @@ def subset(out, n):
     """The first n records of the toy SFT split, as a file sft.py reads with --data."""
     src, image_root = toy.data_path("sft")
     path = os.path.join(out, "data", f"sft-first-{n}.jsonl")
-    if not os.path.exists(path):
-        with open(src) as f:
-            lines = f.readlines()
-        if len(lines) < n:
-            raise SystemExit(f"{src} has {len(lines)} records, fewer than {n}")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.writelines(lines[:n])
-        os.replace(path + ".tmp", path)
+    lines = open(src).readlines()[:n]
+    if len(lines) < n:
+        raise SystemExit(f"{src} has {len(lines)} records, fewer than {n}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(lines)
     return path, image_root
 
 
@@ -132,7 +128,7 @@ def run_job(job, threads):
     summary = os.path.join(job["dir"], "eval", job["name"], "summary.json")
     if os.path.exists(summary):
         print(f"skipped {job['name']} (done)", flush=True)
-        return 0.0
+        return
     t0 = time.time()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
                CUDA_VISIBLE_DEVICES="")  # the comparison is defined on the CPU: no bf16 autocast, same numerics
@@ -150,7 +146,6 @@ def run_job(job, threads):
             if subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
                 raise RuntimeError(f"{job['name']} failed: {' '.join(cmd[1:3])}...; see {log.name}")
     print(f"done {job['name']} in {time.time() - t0:.0f} s", flush=True)
-    return time.time() - t0
 
 
 def run_all(jobs, workers, threads):
@@ -173,15 +168,20 @@ def run_all(jobs, workers, threads):
 
 # ---- the table and the figure ------------------------------------------------------------------------
 def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Rows of a JSON Lines file; a line cut short by a kill is skipped."""
+    rows = []
+    for line in open(path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
 
 
 def spread(values, digits=1):
     """'mean ± sample std' over seeds ('mean' for one seed)."""
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    sd = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}" + sd
 
 
 def training_curve(run_dir, key):
@@ -206,13 +206,9 @@ def make_table(cfg, out, jobs, rows):
                   spread([100 * e["aha"]["with_aha"] / n for e, n in zip(evals, n_resp)]),
                   spread([sum(e["aha"][p] for p in e["aha"] if p not in ("responses", "with_aha")) for e in evals], 0)]
         curves = [training_curve(os.path.join(out, n), "reward_mean")[1] for n in names if jobs[n]["train"]]
-        if curves and curves[0]:  # a GRPO run (an SFT run logs no reward)
-            k = [max(1, len(c) // 10) for c in curves]
-            cells.append(spread([sum(c[:m]) / m for c, m in zip(curves, k)], 3) + " -> " +
-                         spread([sum(c[-m:]) / m for c, m in zip(curves, k)], 3))
-        else:
-            cells.append("")
-        lines.append(cells)
+        ends = [(statistics.mean(c[:len(c) // 10 or 1]), statistics.mean(c[-(len(c) // 10 or 1):])) for c in curves if c]
+        cells.append(f"{spread([e[0] for e in ends], 3)} -> {spread([e[1] for e in ends], 3)}" if ends else "")
+        lines.append(cells)  # (an SFT run logs no reward)
     md = "\n".join("| " + " | ".join(c) + " |" for c in [header, ["---"] * len(header)] + lines)
     n_items = evals[0]["benchmarks"]["toy"]["n"]
     return md + (f"\n\nGreedy accuracy in % on {n_items} items of the toy test split (iou: mean IoU x 100), "
@@ -242,7 +238,7 @@ def make_figure(cfg, out, path):
                             color=f"C{colour}", alpha=0.2)
         ax.set(title=name, xlabel="GRPO step")
         ax.legend()
-    fig.suptitle(f"toy, {len(cfg['seeds'])} seed(s): mean and min-max band", fontsize=10)
+    fig.suptitle(f"toy, {len(cfg['seeds'])} seed(s): mean and min-max band over seeds", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -261,17 +257,22 @@ def main(argv=None):
     cfg = SMOKE if args.smoke else QUICK if args.quick else FULL
     out = os.path.abspath(args.out or "out/experiments" + ("-smoke" if args.smoke else "-quick" if args.quick else ""))
     os.makedirs(out, exist_ok=True)
+    settings = json.loads(json.dumps(dict(cfg, grpo_max_new_tokens=GRPO_MAX_NEW_TOKENS, grpo_toy=grpo.TOY)))
     protocol = os.path.join(out, "protocol.json")  # runs of another protocol must not be mixed in
-    if os.path.exists(protocol) and json.load(open(protocol)) != json.loads(json.dumps(cfg)):
+    if os.path.exists(protocol) and json.load(open(protocol)) != settings:
         raise SystemExit(f"{out} holds runs of another protocol ({protocol}); pass another --out or delete it")
     with open(protocol, "w") as f:
-        json.dump(cfg, f)
+        json.dump(settings, f)
     t0 = time.time()
+    toy.resolve_model("toy")  # the toy data, model and policy, built once (not by two runs racing)
     jobs, rows = plan(cfg, out)
     estimate = sum(j["cost"] for j in jobs.values()) / args.workers / 60  # if nothing is on disk yet
     print(f"{len(jobs)} runs in {out}, {args.workers} at a time, {args.threads} thread(s) each: "
           f"~{estimate:.0f} min from scratch on a quiet 2-core machine", flush=True)
-    run_all(jobs, args.workers, args.threads)
+    try:
+        run_all(jobs, args.workers, args.threads)
+    except RuntimeError as e:  # a run failed: its log says why; the finished runs stay on disk
+        raise SystemExit(str(e))
     table = make_table(cfg, out, jobs, rows)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
