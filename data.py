@@ -7,10 +7,11 @@ data.py - the data: VLAA-Thinking records (schema, loading, validation), prompts
 
 Record schema, as in the released files (`UCSC-VLAA/VLAA-Thinking` on the Hugging Face hub):
 `id` (prefixed by its source, e.g. "clevr_math-..."), `image` (relative to the image root,
-sometimes with a leading slash), `question` (MCQ options inline), `gt` (int, letter, text, box,
-solution), SFT files also `answer` = "<think>...</think><answer>...</answer>" (older records
-`ds_answer`), GRPO files `verifier_type`. Loaded records gain `kind` (the verifier, from
-rewards.verifier_for) and `image_path` (absolute).
+sometimes with a leading slash; ours: or a list of them, one placeholder each in the prompt, in
+order), `question` (MCQ options inline), `gt` (int, letter, text, box, solution), SFT files also
+`answer` = "<think>...</think><answer>...</answer>" (older records `ds_answer`), GRPO files
+`verifier_type`; ours: `box_image`, the index of the image a box answer refers to (default 0).
+Loaded records gain `kind` (the verifier, from rewards.verifier_for) and `image_paths` (absolute).
 """
 import base64
 import difflib
@@ -106,11 +107,14 @@ def read_hub_records(spec):
 
 
 def check_record(r, image_root, need_answer):
-    """Returns the record normalised (kind, image_path), or raises BadRecord saying what is wrong."""
+    """Returns the record normalised (kind, image_paths), or raises BadRecord saying what is wrong."""
     if not isinstance(r, dict):
         raise BadRecord("not a JSON object")
-    if not r.get("image"):
+    images = r.get("image") if isinstance(r.get("image"), list) else [r.get("image")]
+    if not all(isinstance(x, str) and x for x in images) or not images:
         raise BadRecord("missing 'image'")
+    if not (isinstance(r.get("box_image", 0), int) and 0 <= r.get("box_image", 0) < len(images)):
+        raise BadRecord(f"'box_image' {r.get('box_image')!r} is not the index of one of its {len(images)} images")
     if not isinstance(r.get("question"), str) or not r["question"].strip():
         raise BadRecord("missing or empty 'question'")
     if r.get("gt") is None or (isinstance(r["gt"], str) and not r["gt"].strip()):
@@ -124,15 +128,16 @@ def check_record(r, image_root, need_answer):
         message = str(e).split(": ", 1)[-1]
         raise BadRecord(message, message.split("'")[0].strip()) from None
     # The released files write image paths relative to the image root; one has a leading slash.
-    path = os.path.join(image_root or "", str(r["image"]).lstrip("/"))
-    if not os.path.isfile(path):
-        raise BadRecord(f"image not found: {path}", "image not found")
-    try:
-        with Image.open(path) as im:  # reads the header only; cheap enough for 126K records
-            im.size
-    except Exception as e:
-        raise BadRecord(f"unreadable image {path}: {e}", "unreadable image") from None
-    return {**r, "kind": kind, "image_path": path, "answer": answer}
+    paths = [os.path.join(image_root or "", x.lstrip("/")) for x in images]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise BadRecord(f"image not found: {path}", "image not found")
+        try:
+            with Image.open(path) as im:  # reads the header only; cheap enough for 126K records
+                im.size
+        except Exception as e:
+            raise BadRecord(f"unreadable image {path}: {e}", "unreadable image") from None
+    return {**r, "kind": kind, "image_paths": paths, "answer": answer}
 
 
 def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_bad=False, limit=None):
@@ -190,10 +195,15 @@ def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_b
     return records
 
 
-def load_image(record):
-    """The record's image as RGB: from its checked `image_path`, else its `image` (a path, bytes, a PIL
-    image, or an undecoded Hugging Face image {"bytes", "path"} as benchmark datasets hold them)."""
-    x = record["image_path"] if "image_path" in record else record["image"]
+def load_images(record):
+    """The record's images as RGB, in order: from its checked `image_paths`, else its `image` (a path,
+    bytes, a PIL image, an undecoded Hugging Face image {"bytes", "path"} as benchmark datasets hold
+    them, or a list of these)."""
+    images = record.get("image_paths") or record["image"]
+    return [_rgb(x) for x in (images if isinstance(images, list) else [images])]
+
+
+def _rgb(x):
     if isinstance(x, Image.Image):
         return x.convert("RGB")
     if isinstance(x, dict):
@@ -202,15 +212,22 @@ def load_image(record):
         return im.convert("RGB")
 
 
+def image_counts(records):
+    """How many images each record has (one placeholder each in its prompt)."""
+    return [len(r["image_paths"]) if "image_paths" in r else len(r["image"]) if isinstance(r["image"], list) else 1
+            for r in records]
+
+
 # ----------------------------------------------------------------------------------------
 # Prompts and batches
 
 def build_messages(record):
-    """System prompt, then one user turn: the image first, then the question + its task instruction
-    (or a benchmark item's own `prompt`, verbatim)."""
+    """System prompt, then one user turn: the images first (one placeholder each, in order), then the
+    question + its task instruction (or a benchmark item's own `prompt`, verbatim)."""
     question = record.get("prompt") or record["question"].strip() + "\n" + TASK_INSTRUCTIONS[record["kind"]]
+    images = [{"type": "image"}] * image_counts([record])[0]
     return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            {"role": "user", "content": images + [{"type": "text", "text": question}]}]
 
 
 def prompt_text(processor, record):
@@ -223,25 +240,30 @@ def prompt_text(processor, record):
     return text.removesuffix("<think>\n")
 
 
-def encode_prompts(processor, records, images=None):
+def encode_prompts(processor, records, max_length=None):
     """Left-padded prompts for batched generation (so every prompt ends where generation starts).
-    Never truncated: a prompt cut inside its image tokens no longer matches its image features.
-    Returns input_ids, attention_mask (B, P), pixel_values (sum of patches, C), image_grid_thw (B, 3)."""
-    images = images if images is not None else [load_image(r) for r in records]
-    return processor(text=[prompt_text(processor, r) for r in records], images=images,
-                     padding=True, padding_side="left", return_tensors="pt")
+    Never truncated: a prompt cut inside its image tokens no longer matches its image features, so
+    one longer than max_length is refused, naming its record. Returns input_ids, attention_mask (B, P),
+    pixel_values (patches of all images, C), image_grid_thw (one row per image, 3)."""
+    batch = processor(text=[prompt_text(processor, r) for r in records], images=[x for r in records for x in load_images(r)],
+                      padding=True, padding_side="left", return_tensors="pt")
+    lengths = batch["attention_mask"].sum(1).tolist()
+    for r, n, images in zip(records, lengths, image_counts(records)):
+        if max_length is not None and n > max_length:
+            raise BadRecord(f"record {r.get('id')}: its prompt has {n} tokens with its {images} image(s), more than "
+                            f"the {max_length} that fit; give the model smaller images (max pixels) or fewer tokens to generate")
+    return batch
 
 
-def encode_sft(processor, records, images=None, max_length=None, answer_key="answer"):
+def encode_sft(processor, records, max_length=None, answer_key="answer"):
     """Prompt + answer + <|im_end|>, right-padded; labels are the answer tokens and the closing
     <|im_end|> (so the model learns to stop), -100 everywhere else.
 
     The answer is tokenized on its own and appended to the prompt's ids, exactly as the
     model will see it when it generates after the prompt. An over-long sequence loses the
     end of its answer, never part of its prompt (its image tokens must match its image)."""
-    images = images if images is not None else [load_image(r) for r in records]
     tok = processor.tokenizer
-    prompts = processor(text=[prompt_text(processor, r) for r in records], images=images,
+    prompts = processor(text=[prompt_text(processor, r) for r in records], images=[x for r in records for x in load_images(r)],
                         padding=True, padding_side="right", return_tensors="pt")
     end = end_of_turn_ids(tok)[0]
     rows, labels = [], []
@@ -265,16 +287,23 @@ def encode_sft(processor, records, images=None, max_length=None, answer_key="ans
             "pixel_values": prompts["pixel_values"], "image_grid_thw": prompts["image_grid_thw"]}
 
 
-def repeat_groups(batch, group_size):
-    """Repeats every prompt of a processor batch G times, keeping each prompt's own image rows.
+def images_by_prompt(batch, counts):
+    """A processor batch's images split by prompt (`counts` images each): per prompt, its images'
+    patch rows (patches, C) and grid rows (images, 3)."""
+    grids = batch["image_grid_thw"].split(counts)
+    return list(batch["pixel_values"].split([int(g.prod(-1).sum()) for g in grids])), list(grids)
+
+
+def repeat_groups(batch, group_size, counts):
+    """Repeats every prompt of a processor batch G times, keeping each prompt's own images.
 
     pixel_values holds the patches of all images concatenated (sum of t*h*w rows), so a plain
     .repeat() would pair prompt i with another prompt's patches whenever B > 1 or images differ
-    in size. Split per image, repeat each G times, concatenate."""
-    rows = batch["image_grid_thw"].prod(-1).tolist()                     # patches per image
-    pixels = torch.cat([p.repeat(group_size, 1) for p in batch["pixel_values"].split(rows)])
-    out = {k: v.repeat_interleave(group_size, dim=0) for k, v in batch.items() if k != "pixel_values"}
-    return {**out, "pixel_values": pixels}
+    in size. Split by prompt (`counts` images each), repeat each prompt's G times, concatenate."""
+    pixels, grids = images_by_prompt(batch, counts)
+    out = {k: v.repeat_interleave(group_size, dim=0) for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    return {**out, "pixel_values": torch.cat([p for p in pixels for _ in range(group_size)]),
+            "image_grid_thw": torch.cat([g for g in grids for _ in range(group_size)])}
 
 
 def completion_mask(completion_ids, tokenizer):
@@ -314,10 +343,19 @@ def end_of_turn_ids(tokenizer):
 
 
 def image_size(processor, grid):
-    """(width, height) in pixels of the resized image the model saw, from its (t, h, w) patch grid:
-    the frame of Qwen2.5-VL's absolute box coordinates (rewards.iou_reward)."""
-    patch = processor.image_processor.patch_size  # 14 in Qwen2/2.5-VL, 16 in Qwen3-VL
+    """(width, height) in pixels of the resized image the model saw, from its (t, h, w) patch grid."""
+    patch = processor.image_processor.patch_size  # 14 in Qwen2/2.5-VL, 16 in Qwen3-VL and Qwen3.5
     return int(grid[2]) * patch, int(grid[1]) * patch
+
+
+def box_frame(processor, record, grids):
+    """What rewards.iou_reward needs to read a box the model writes about `record` (whose images had the
+    patch grids `grids`, (images, 3)): the box's image is the record's `box_image` (default the first).
+    Qwen2.5-VL writes absolute pixels of the resized image it saw: its (width, height). Qwen2-VL, Qwen3-VL
+    and Qwen3.5 write a 0-1000 grid of it: None, which is how iou_reward reads a box given no size."""
+    if type(processor).__name__ != "Qwen2_5_VLProcessor":
+        return None
+    return image_size(processor, grids[record.get("box_image", 0)])
 
 
 def step_indices(n_records, batch_size, step, seed, rank, world):
@@ -573,7 +611,7 @@ def keep_accepted(stats, step, records, replies, accept):
 def caption_step(ask, stats, records):
     """Step 1: a vision model writes a detailed, structured caption of each image."""
     def messages(r):
-        return [{"role": "user", "content": [{"type": "image_path", "path": r["image_path"]},
+        return [{"role": "user", "content": [*({"type": "image_path", "path": p} for p in r["image_paths"]),
                                              {"type": "text", "text": CAPTION_PROMPT}]}]
     replies = ask("caption", records, messages)
     return keep_accepted(stats, "caption", records, replies, lambda r, _, text: {**r, "caption": text})
@@ -802,7 +840,7 @@ def ppl_filter(args):
         top = sorted(records, key=lambda r: -mean[r["id"]])[:args.top]  # a stable sort: ties keep file order
         with open(args.out, "w", encoding="utf-8") as f:
             for r in top:
-                row = {k: v for k, v in r.items() if k not in ("kind", "image_path")}
+                row = {k: v for k, v in r.items() if k not in ("kind", "image_paths")}
                 f.write(json.dumps({**row, "perplexity": mean[r["id"]]}, ensure_ascii=False) + "\n")
         low, high = mean[top[-1]["id"]], mean[top[0]["id"]]
         print(f"{len(top)} of {len(records)} records, perplexity {low:.3g} to {high:.3g}, in {args.out}")

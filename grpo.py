@@ -164,27 +164,28 @@ def token_logprobs(model, batch, prompt_len, temperature):
 # Rollouts: this rank's prompts x G completions, as tensors
 
 @torch.no_grad()
-def rollout(policy, processor, records, G, max_new_tokens, temperature, gen_batch_size=64, synced_gpus=False):
+def rollout(policy, processor, records, G, max_new_tokens, temperature, gen_batch_size=64, synced_gpus=False,
+            max_prompt_length=None):
     """G completions for each of this rank's B prompts; row i*G + g is completion g of prompt i.
         prompt_ids, prompt_mask          (B*G, P)  left-padded
         completion_ids, completion_mask  (B*G, T)  mask: 1 up to and including the first end of turn
         truncated                        (B*G,)    no end of turn within max_new_tokens
-        pixels, grids                    B tensors: each prompt's image patches (n, C) and grid (1, 3)
+        pixels, grids                    B tensors each: a prompt's image patches (n, C), grids (images, 3)
         texts                            B*G decoded completions"""
     tok = processor.tokenizer
     parts = []
     for start in range(0, len(records), gen_batch_size):
-        batch = data.encode_prompts(processor, records[start:start + gen_batch_size])
-        group = {k: v.to(policy.device) for k, v in data.repeat_groups(batch, G).items()}
+        chunk = records[start:start + gen_batch_size]
+        batch = data.encode_prompts(processor, chunk, max_prompt_length)
+        group = {k: v.to(policy.device) for k, v in data.repeat_groups(batch, G, data.image_counts(chunk)).items()}
         completions = plumbing.generate(policy, processor, group, max_new_tokens, temperature, synced_gpus).cpu()
         parts.append((group["input_ids"].cpu(), group["attention_mask"].cpu(), completions,
-                      *data.completion_mask(completions, tok), batch))
-    ids, prompt_masks, completions, masks, cut, batches = zip(*parts)
+                      *data.completion_mask(completions, tok), data.images_by_prompt(batch, data.image_counts(chunk))))
+    ids, prompt_masks, completions, masks, cut, images = zip(*parts)
     completion_ids = data.pad_cat(completions, tok.pad_token_id)                                   # (B*G, T)
     return dict(prompt_ids=data.pad_cat(ids, tok.pad_token_id, left=True), prompt_mask=data.pad_cat(prompt_masks, 0, left=True),
                 completion_ids=completion_ids, completion_mask=data.pad_cat(masks, 0.0), truncated=torch.cat(cut),
-                pixels=[p for b in batches for p in b["pixel_values"].split(b["image_grid_thw"].prod(-1).tolist())],
-                grids=[g for b in batches for g in b["image_grid_thw"].split(1)],
+                pixels=[p for pixels, _ in images for p in pixels], grids=[g for _, grids in images for g in grids],
                 texts=tok.batch_decode(completion_ids, skip_special_tokens=True))
 
 
@@ -204,7 +205,7 @@ def micro_batch(ro, rows, G, processor, device):
     data.check_image_tokens(input_ids, batch["image_grid_thw"], processor.image_token_id)  # never a cut prompt
     batch = {k: v.to(device) for k, v in batch.items()}
     if "features" in ro:  # a frozen tower's output, encoded once this step (plumbing.encode_images)
-        batch["mm_encoder_outputs"] = plumbing.encoder_outputs([ro["features"][i] for i in prompts])
+        batch["mm_encoder_outputs"] = plumbing.encoder_outputs([f for i in prompts for f in ro["features"][i]])
     else:
         batch["pixel_values"] = torch.cat([ro["pixels"][i] for i in prompts]).to(device)
     mb = {k: ro[k][rows, :T].to(device) if ro[k].dim() == 2 else ro[k][rows].to(device)
@@ -214,12 +215,12 @@ def micro_batch(ro, rows, G, processor, device):
 
 def score(ro, records, G, processor, scorer, beta):
     """(B*G,) rewards: each completion scored by the one verifier of its task, the format gate first.
-    Boxes are compared in the frame of the image the model saw; open answers go to the reward model."""
+    Boxes are read in the frame of the image the model saw (data.box_frame); open answers go to the reward model."""
     contexts = []
     for r, grid in zip(records, ro["grids"]):
-        ctx = dict(image_size=data.image_size(processor, grid[0]), question=r["question"])
-        if r["kind"] == "open":
-            ctx.update(scorer=scorer, image=data.load_image(r), reference=r["gt"], beta=beta)
+        ctx = dict(image_size=data.box_frame(processor, r, grid), question=r["question"])
+        if r["kind"] == "open":  # the reward model sees the first image
+            ctx.update(scorer=scorer, image=data.load_images(r)[0], reference=r["gt"], beta=beta)
         contexts += [ctx] * G
     gts, kinds = [r["gt"] for r in records for _ in range(G)], [r["kind"] for r in records for _ in range(G)]
     return torch.tensor(rewards.reward_batch(ro["texts"], gts, kinds, contexts, scorer=scorer))
@@ -358,6 +359,7 @@ def main(argv=None):
     synced_gpus = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     # Under FSDP/ZeRO-3 a tower called outside the model's forward would bypass the sharding hooks.
     cache_vision = args.freeze_vision and not synced_gpus
+    max_prompt = getattr(policy.config, "text_config", policy.config).max_position_embeddings - args.max_new_tokens
 
     total_steps = args.max_steps or len(records) // args.rollout_batch_size  # paper: one pass over the 25K = 49 steps
     updates = args.epochs * args.rollout_batch_size * G // args.train_batch_size  # per rollout step
@@ -380,7 +382,8 @@ def main(argv=None):
         mine = [records[i] for i in data.step_indices(len(records), args.rollout_batch_size, step, args.seed, rank, world)]
         # ---- 2. sample G completions per prompt: (B*G, T) tensors
         policy.eval()
-        ro = rollout(policy, processor, mine, G, args.max_new_tokens, args.temperature, args.gen_batch_size, synced_gpus)
+        ro = rollout(policy, processor, mine, G, args.max_new_tokens, args.temperature, args.gen_batch_size, synced_gpus,
+                     max_prompt)
         t_gen = plumbing.clock(device)
         if cache_vision:
             with accelerator.autocast():  # each image once; the forwards of steps 5 and 6 reuse the features

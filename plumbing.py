@@ -82,8 +82,9 @@ def stage_args(doc, output_dir, data_help, preset):
 
 
 def apply_presets(args, real, toy_preset):
-    """Fills the flags left unset with the toy recipe (for --model toy/toy-base) or the real one."""
-    for key, value in (toy_preset if args.model in ("toy", "toy-base") else real).items():
+    """Fills the flags left unset with the toy recipe when training on the toy data (--data toy, from
+    the toy policy or any checkpoint trained from it), else with the real one."""
+    for key, value in (toy_preset if args.data == "toy" else real).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
@@ -190,20 +191,23 @@ def encode_images(model, pixels, grids, batch_size):
     """The vision tower's output for each image, for forwards that take it instead of pixels
     (encoder_outputs). With the tower frozen, a GRPO step encodes each image once and its old-policy,
     reference and training forwards reuse the features (the reference shares the frozen tower),
-    instead of each re-running the tower. Returns one tuple per image: its features (image tokens,
-    hidden), then Qwen3-VL's "deepstack" features (the tower's intermediate outputs that feed the
-    first text layers; the other families have none)."""
-    features = []
+    instead of each re-running the tower. `pixels` and `grids` hold each prompt's images; returns, per
+    prompt, one tuple per image: its features (image tokens, hidden), then Qwen3-VL's "deepstack"
+    features (the tower's intermediate outputs that feed the first text layers; other families have none)."""
+    features = []  # per prompt: a list of per-image tuples
     for i in range(0, len(pixels), batch_size):
         out = model.get_image_features(torch.cat(pixels[i:i + batch_size]).to(model.device),
                                        torch.cat(grids[i:i + batch_size]).to(model.device), return_dict=True)
         deep = getattr(out, "deepstack_features", None) or []           # per deepstack layer, per image
-        features += [(f, *(layer[j] for layer in deep)) for j, f in enumerate(out.pooler_output)]
+        images = [(f, *(layer[j] for layer in deep)) for j, f in enumerate(out.pooler_output)]
+        for g in grids[i:i + batch_size]:                                # back to their prompts
+            features.append(images[:len(g)])
+            images = images[len(g):]
     return features
 
 
 def encoder_outputs(features):
-    """`mm_encoder_outputs` for a forward over samples whose images' encode_images outputs are `features`."""
+    """`mm_encoder_outputs` for a forward over images whose encode_images tuples are `features`, in order."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
     pooled, *deep = zip(*features)                                       # per sample; per deepstack layer
     return {"image": BaseModelOutputWithDeepstackFeatures(pooler_output=pooled, deepstack_features=deep or None)}
@@ -212,7 +216,8 @@ def encoder_outputs(features):
 @torch.no_grad()
 def greedy_answers(model, processor, records, accelerator, batch_size, max_new_tokens, synced_gpus=False):
     """Greedy responses to records (data.py's prompts), sharded over ranks; yields, one batch at a time,
-    every rank's rows gathered on every rank: {id, response, length, truncated, image_size}.
+    every rank's rows gathered on every rank: {id, response, length, truncated, image_size (the frame
+    of the boxes it writes, data.box_frame)}.
     Every rank calls generate() equally often (under FSDP a rank that stops early hangs the others)."""
     from accelerate.utils import gather_object
     world = accelerator.num_processes
@@ -226,8 +231,9 @@ def greedy_answers(model, processor, records, accelerator, batch_size, max_new_t
         ids = generate(model, processor, batch, max_new_tokens, synced_gpus=synced_gpus).cpu()
         mask, cut = data.completion_mask(ids, processor.tokenizer)                               # (b, T), (b,)
         texts = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        rows = [dict(id=r["id"], response=t, length=int(n), truncated=bool(c), image_size=data.image_size(processor, g))
-                for r, t, n, c, g in zip(chunk, texts, mask.sum(1), cut, batch["image_grid_thw"])]
+        grids = batch["image_grid_thw"].cpu().split(data.image_counts(chunk))
+        rows = [dict(id=r["id"], response=t, length=int(n), truncated=bool(c), image_size=data.box_frame(processor, r, g))
+                for r, t, n, c, g in zip(chunk, texts, mask.sum(1), cut, grids)]
         yield gather_object(rows if mine[b * batch_size:(b + 1) * batch_size] else [])  # ... that is not kept
     model.train(was_training)
 

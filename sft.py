@@ -49,6 +49,7 @@ def parse_args(argv=None):
     a("--warmup-ratio", type=float, default=0.03, help="linear warmup share (not in the paper)")
     a("--epochs", type=float, help="passes over the data (paper: about 1)" + preset("epochs"))
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    a("--limit", type=int, default=None, help="train on the first N records only (of the wanted kinds)")
     a("--max-length", type=int, default=4096, help="tokens per sample; the answer is cut, never the prompt "
       "(not in the paper)")
     a("--train-vision", action="store_true", help="also train the vision tower (paper: frozen)")
@@ -91,7 +92,7 @@ def main(argv=None):
                                  f"--micro-batch-size {micro}")
 
     # ---- data and model --------------------------------------------------------------------
-    records = plumbing.load_split(args, accelerator, "sft", need_answer=True)
+    records = plumbing.load_split(args, accelerator, "sft", need_answer=True, limit=args.limit)
     if len(records) < args.batch_size:
         raise plumbing.UserError(f"{len(records)} records is less than one batch of {args.batch_size}")
     # paper: the vision encoder is frozen during SFT

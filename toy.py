@@ -7,7 +7,8 @@ defaults to `--model toy --data toy`, which resolve to what this file builds:
   * a deterministic synthetic dataset in exactly the VLAA-Thinking schema (JSON Lines +
     PNG files): grey 112x112 images with 1-5 coloured circles/squares/triangles, and
     questions for every verifier kind of the paper's mixed reward
-        digit  "Subtract all red objects. How many objects are left?"  (CLEVR-Math style)
+        digit  "Subtract all red objects. How many objects are left?"  (CLEVR-Math style; and a
+               two-image form: "How many objects are there in the two images together?")
         mcq    "What colour is the square? Choices: A. ..."             (GeoQA style)
         math   "Let n be the number of objects. What is n/2?"           (Math PUMA style)
         iou    "...bounding box of: the blue circle."                   (LLaVA-CoT grounding)
@@ -35,7 +36,7 @@ import time
 from PIL import Image, ImageDraw
 
 TOY_DIR = os.environ.get("VLAA_TOY_DIR", os.path.join("out", "toy"))
-VERSION = 5  # bump when the toy world or model changes; invalidates the cache
+VERSION = 6  # bump when the toy world or model changes; invalidates the cache
 
 IMAGE_SIZE = 112  # 112x112 -> 8x8 patches of 14 -> 16 image tokens after the 2x2 merge
 GRID = 4  # objects are placed on a 4x4 grid of cells, one vision token each
@@ -49,6 +50,7 @@ SPLIT_SEEDS = {"sft": 1, "rl": 2, "test": 3}
 # Source prefixes used by the real VLAA-Thinking ids, so rewards.verifier_for routes by id too.
 SOURCE = {"digit": "clevr_math", "mcq": "geoqa170k", "math": "synthesis", "iou": "coco", "open": "allava"}
 KIND_WEIGHTS = {"digit": 0.3, "mcq": 0.3, "math": 0.15, "iou": 0.15, "open": 0.1}
+TWO_IMAGE_SHARE = 0.2  # of the digit questions: count the objects of two images (1-3 each) together
 # Held-out answers are cut at this many tokens (grpo.py's start/end accuracy and eval.py's toy table
 # alike): the toy's answers need < 100, and a model stuck in a loop is cut sooner.
 EVAL_MAX_NEW_TOKENS = 128
@@ -57,7 +59,7 @@ EVAL_MAX_NEW_TOKENS = 128
 # ----------------------------------------------------------------------------------------
 # The synthetic world: scenes, images, questions
 
-def random_scene(rng, size=IMAGE_SIZE):
+def random_scene(rng, size=IMAGE_SIZE, max_objects=5):
     """1-5 objects: [{"shape", "colour", "box": [x1, y1, x2, y2] in pixels}], left to right.
 
     Objects sit in distinct cells of a 4x4 grid (28 px = one merged vision token of Qwen's
@@ -65,7 +67,7 @@ def random_scene(rng, size=IMAGE_SIZE):
     to see them in minutes on a CPU; boxes still differ from scene to scene."""
     cell = size // GRID
     objects = []
-    for c in rng.sample(range(GRID * GRID), rng.randint(1, 5)):
+    for c in rng.sample(range(GRID * GRID), rng.randint(1, max_objects)):
         side = rng.randint(16, 22)
         x1 = (c % GRID) * cell + rng.randint(1, cell - side - 1)
         y1 = (c // GRID) * cell + rng.randint(1, cell - side - 1)
@@ -216,15 +218,24 @@ def make_records(split, n, seed, image_root):
     records = []
     for i in range(n):
         kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
-        task = None
-        while task is None:
-            objects = random_scene(rng)
-            task = make_task(rng, objects, kind, rl_forms=split != "sft")
+        if kind == "digit" and rng.random() < TWO_IMAGE_SHARE:  # a record with two images
+            scenes = [random_scene(rng, max_objects=3) for _ in range(2)]
+            a, b = map(len, scenes)
+            task = ("How many objects are there in the two images together?", a + b, str(a + b),
+                    "I need to count the objects in both images and add them up.",
+                    [f"The first image has {a}, the second {b}.", f"So {a} + {b} = {a + b}."])
+        else:
+            task = None
+            while task is None:
+                scenes = [random_scene(rng)]
+                task = make_task(rng, scenes[0], kind, rl_forms=split != "sft")
         question, gt, answer, plan, facts = task
-        image = f"{split}/{i:05d}.png"
-        draw_scene(objects).save(os.path.join(image_root, image))
-        record = {"id": f"{SOURCE[kind]}-toy-{split}-{i:05d}", "image": image, "question": question,
-                  "gt": gt, "verifier_type": kind, "meta": {"objects": objects}}
+        images = [f"{split}/{i:05d}{'' if j == 0 else f'-{j + 1}'}.png" for j in range(len(scenes))]
+        for image, objects in zip(images, scenes):
+            draw_scene(objects).save(os.path.join(image_root, image))
+        record = {"id": f"{SOURCE[kind]}-toy-{split}-{i:05d}", "image": images[0] if len(images) == 1 else images,
+                  "question": question, "gt": gt, "verifier_type": kind,
+                  "meta": {"objects": scenes[0] if len(scenes) == 1 else scenes}}
         if split == "sft":  # SFT records carry distilled answers, in both styles
             record["answer"] = make_trace(rng, plan, facts, answer, "concise")
             record["answer_pseudo"] = make_trace(rng, plan, facts, answer, "pseudo")

@@ -22,7 +22,11 @@ def test_toy_data_is_deterministic_and_in_the_vlaa_schema(tmp_path):
     a = toy.make_records("rl", 40, seed=7, image_root=str(tmp_path / "a"))
     b = toy.make_records("rl", 40, seed=7, image_root=str(tmp_path / "b"))
     assert a == b
-    assert open(tmp_path / "a" / a[5]["image"], "rb").read() == open(tmp_path / "b" / b[5]["image"], "rb").read()
+    images = lambda r: r["image"] if isinstance(r["image"], list) else [r["image"]]  # noqa: E731
+    for x in a[:8]:
+        for f in images(x):
+            assert open(tmp_path / "a" / f, "rb").read() == open(tmp_path / "b" / f, "rb").read()
+    assert {len(images(r)) for r in a} == {1, 2}  # the two-image counting task is there
     for r in a:
         assert {"id", "image", "question", "gt", "verifier_type"} <= set(r)
         assert r["answer"].startswith("<think>") and r["answer"].endswith("</answer>")
@@ -102,10 +106,21 @@ def test_json_array_and_json_lines_and_leading_slash(tmp_path, image_root):
     for array in (True, False):
         loaded = data.load_records(write_records(tmp_path, records, array), image_root)
         assert [r["kind"] for r in loaded] == ["digit", "math"]
-        assert all(os.path.isfile(r["image_path"]) for r in loaded)
+        assert all(os.path.isfile(p) for r in loaded for p in r["image_paths"])
+
+
+def test_a_record_may_have_several_images(tmp_path, image_root):
+    record = {**GOOD, "image": ["sub/ok.png", "/sub/ok.png"], "box_image": 1}
+    loaded = data.load_records(write_records(tmp_path, [record]), image_root)[0]
+    assert len(loaded["image_paths"]) == 2 and len(data.load_images(loaded)) == 2
+    messages = data.build_messages(loaded)
+    assert [part["type"] for part in messages[1]["content"]] == ["image", "image", "text"]
 
 
 @pytest.mark.parametrize("bad, message", [
+    ({"image": ["sub/ok.png", "sub/missing.png"]}, "image not found"),
+    ({"image": []}, "missing 'image'"),
+    ({"box_image": 1}, "'box_image' 1 is not the index of one of its 1 images"),
     ({"image": "sub/missing.png"}, "image not found"),
     ({"image": "sub/broken.png"}, "unreadable image"),
     ({"image": None}, "missing 'image'"),
@@ -156,7 +171,8 @@ def test_prompt_has_system_prompt_then_image_then_question(base_model):
 
 def test_sft_labels_are_exactly_the_answer_and_end_of_turn(base_model):
     _, processor = plumbing.load_model(base_model)
-    records = data.load_records(*toy.data_path("sft"), need_answer=True, limit=6)
+    records = data.load_records(*toy.data_path("sft"), need_answer=True)
+    records = records[:5] + [next(r for r in records if len(r["image_paths"]) == 2)]
     batch = data.encode_sft(processor, records)
     for i, r in enumerate(records):
         kept = batch["input_ids"][i][batch["labels"][i] != -100]
@@ -165,6 +181,8 @@ def test_sft_labels_are_exactly_the_answer_and_end_of_turn(base_model):
         real = int(batch["attention_mask"][i].sum())
         assert (batch["labels"][i][:real - len(kept)] == -100).all()
     assert (batch["mm_token_type_ids"] == 1).sum() == (batch["input_ids"] == processor.image_token_id).sum()
+    assert int((batch["input_ids"][5] == processor.image_token_id).sum()) == 32  # two images, 16 tokens each
+    assert batch["image_grid_thw"].shape[0] == 7
 
 
 def test_max_length_cuts_the_answer_never_the_prompt(base_model):

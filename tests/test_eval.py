@@ -146,7 +146,7 @@ def test_tsv_loaders_decode_and_reuse_images():
     dyna = {it["id"]: it for it in ev.load_benchmark("dynamath", tsv)}
     assert sorted(dyna) == ["1-1", "1-2", "5-1", "5-2"]
     assert dyna["5-2"]["image"] == dyna["5-1"]["image"]  # "5": the image of the row with index 5
-    assert ev.data.load_image(dyna["1-1"]).size == (28, 28)
+    assert ev.data.load_images(dyna["1-1"])[0].size == (28, 28)
     wemath = ev.load_benchmark("wemath", tsv)
     assert wemath[1]["choices"]["A"].startswith("First walk 3000m") and "E" in wemath[1]["choices"]
     assert len({it["image"] for it in wemath}) == 1
@@ -182,7 +182,7 @@ def test_hub_loader_reads_the_hf_schema(monkeypatch):
     assert asked == [("DynaMath/DynaMath_Sample", None, f"sample_variant{k}") for k in range(1, 11)]
     assert [it["id"] for it in dyna[:3]] == ["1-1", "1-2", "1-3"] and len(dyna) == 20  # seed = row, variant = split
     assert (dyna[2]["answer"], dyna[2]["type"], dyna[-1]["type"]) == ("3.5", "number", "choice")
-    assert ev.data.load_image(dyna[0]).size == (20, 20)  # kept encoded until a batch needs it
+    assert ev.data.load_images(dyna[0])[0].size == (20, 20)  # kept encoded until a batch needs it
     verse_items = ev.load_benchmark("mathverse")
     assert [it["id"] for it in verse_items] == ["5", "3425"] and verse_items[0]["choices"]["D"] == "140°"
 

@@ -46,7 +46,7 @@ def test_builds_through_the_auto_classes_with_16_image_tokens(family):
     assert processor.image_processor.patch_size == model.config.vision_config.patch_size == spec["patch"]
     batch = data.encode_prompts(processor, records())
     side = spec["side"] // spec["patch"]
-    assert batch["image_grid_thw"].tolist() == [[1, side, side]] * 3
+    assert batch["image_grid_thw"].tolist() == [[1, side, side]] * sum(data.image_counts(records()))
     assert int((batch["input_ids"][0] == processor.image_token_id).sum()) == 16
     # the prompt ends where the answer starts, so a completion opens its own <think> (format reward)
     assert data.prompt_text(processor, records()[0]).endswith("<|im_end|>\n<|im_start|>assistant\n")
@@ -154,19 +154,23 @@ def test_sft_script_one_step(family, tmp_path):
     assert type(plumbing.load_model(out)[0]).__name__ == CLASSES[arch]
 
 
-def test_boxes_are_scored_in_the_frame_of_the_image_the_model_saw(family, tmp_path):
-    """eval.py and grpo.py take the resized image's size (patch grid x the family's patch) so that
-    an absolute-pixel box is mapped back correctly: 128 px for the 16 px families, not 112."""
+def test_boxes_are_scored_in_the_frame_each_family_writes(family, tmp_path):
+    """Qwen2.5-VL writes boxes in absolute pixels of the resized image it saw (128 px for the 16 px
+    families' images, 112 for the others); Qwen2-VL, Qwen3-VL and Qwen3.5 on a 0-1000 grid of it.
+    eval.py and grpo.py hand iou_reward that frame (data.box_frame), so the same box scores 1 either way."""
     arch, path = family
     side = toy.FAMILIES[arch]["side"]
     out = str(tmp_path / "e")
     evaluation.main(["--model", f"m={path}", "--benchmarks", "toy", "--limit", "3", "--max-new-tokens", "4",
                      "--output-dir", out, "--quiet"])
     rows = read_jsonl(os.path.join(out, "m", "toy.jsonl"))
-    assert len(rows) == 3 and all(r["image_size"] == [side, side] for r in rows)
+    pixels = arch == "qwen2_5_vl"
+    assert len(rows) == 3 and all(r["image_size"] == ([side, side] if pixels else None) for r in rows)
     _, processor = plumbing.load_model(path)
-    grid = data.encode_prompts(processor, records(n=1))["image_grid_thw"][0]
-    assert data.image_size(processor, grid) == (side, side)
+    grid = data.encode_prompts(processor, records(n=1))["image_grid_thw"]
+    assert data.image_size(processor, grid[0]) == (side, side)
     gt = [0.25, 0.5, 0.5, 0.75]  # normalised, as the toy's grounding records
-    box = "[" + ", ".join(str(round(v * side)) for v in gt) + "]"  # the box in the pixels the model saw
-    assert rewards.iou_reward(box, gt, tuple(rows[0]["image_size"])) == pytest.approx(1.0)
+    scale = side if pixels else 1000
+    box = "[" + ", ".join(str(round(v * scale)) for v in gt) + "]"  # the box as this family writes it
+    frame = data.box_frame(processor, records(n=1)[0], grid)
+    assert rewards.iou_reward(box, gt, frame) == pytest.approx(1.0)

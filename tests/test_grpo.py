@@ -88,40 +88,65 @@ def test_completion_mask_ends_at_the_first_eos_inclusive(tiny):
 
 
 
-def two_prompts_different_image_sizes(tmp_path):
-    Image.new("RGB", (112, 112), (200, 30, 30)).save(tmp_path / "a.png")
-    Image.new("RGB", (84, 56), (30, 30, 200)).save(tmp_path / "b.png")
-    return [{"id": "clevr_math-a", "image_path": str(tmp_path / "a.png"), "question": "How many?", "kind": "digit", "gt": 1},
-            {"id": "geoqa170k-b", "image_path": str(tmp_path / "b.png"), "question": "Which?\nChoices: A. x B. y",
-             "kind": "mcq", "gt": "B"}]
+def prompts_with_images_of_different_sizes(tmp_path):
+    """Three prompts, the second with two images; four images of three sizes."""
+    for name, size, colour in (("a", (112, 112), (200, 30, 30)), ("b", (84, 56), (30, 30, 200)), ("c", (56, 56), (30, 200, 30))):
+        Image.new("RGB", size, colour).save(tmp_path / f"{name}.png")
+    path = lambda name: str(tmp_path / f"{name}.png")  # noqa: E731
+    return [{"id": "clevr_math-a", "image_paths": [path("a")], "question": "How many?", "kind": "digit", "gt": 1},
+            {"id": "clevr_math-bc", "image_paths": [path("b"), path("c")], "question": "How many in both?",
+             "kind": "digit", "gt": 2},
+            {"id": "geoqa170k-b", "image_paths": [path("b")], "question": "Which?\nChoices: A. x B. y", "kind": "mcq",
+             "gt": "B"}]
 
 
-def test_repeat_groups_keeps_each_prompts_own_image_rows(base_model, tmp_path):
+def test_repeat_groups_keeps_each_prompts_own_images(base_model, tmp_path):
     model, processor = plumbing.load_model(base_model)
     processor.image_processor.size = {"shortest_edge": 28 * 28, "longest_edge": 112 * 112}
-    records = two_prompts_different_image_sizes(tmp_path)
+    records = prompts_with_images_of_different_sizes(tmp_path)
+    counts = data.image_counts(records)
     batch = data.encode_prompts(processor, records)
-    rows = batch["image_grid_thw"].prod(-1).tolist()
-    assert rows[0] != rows[1]  # images of different sizes: a naive .repeat would misalign
+    assert counts == [1, 2, 1] and batch["image_grid_thw"].shape[0] == 4  # one grid row per image
+    assert [int((ids == processor.image_token_id).sum()) for ids in batch["input_ids"]] == \
+        [int(g.prod(-1).sum()) // 4 for g in batch["image_grid_thw"].split(counts)]  # a placeholder per image
     G = 3
-    grouped = data.repeat_groups(batch, G)
-    assert grouped["input_ids"].shape[0] == 2 * G
-    own = batch["pixel_values"].split(rows)
-    got = grouped["pixel_values"].split(grouped["image_grid_thw"].prod(-1).tolist())
-    for i in range(2 * G):
-        assert torch.equal(got[i], own[i // G])
+    grouped = data.repeat_groups(batch, G, counts)
+    assert grouped["input_ids"].shape[0] == 3 * G and grouped["image_grid_thw"].shape[0] == 4 * G
+    own_pixels, own_grids = data.images_by_prompt(batch, counts)
+    got_pixels, got_grids = data.images_by_prompt(grouped, [c for c in counts for _ in range(G)])
+    for i in range(3 * G):  # a naive .repeat would pair rows with another prompt's patches
+        assert torch.equal(got_pixels[i], own_pixels[i // G]) and torch.equal(got_grids[i], own_grids[i // G])
         assert torch.equal(grouped["input_ids"][i], batch["input_ids"][i // G])
-    with torch.no_grad():  # each repeated row computes exactly what its prompt alone computes
+    with torch.no_grad():  # each repeated row computes what its prompt alone computes
         logits = model(**grouped).logits
         for i, r in enumerate(records):
             alone = model(**data.encode_prompts(processor, [r])).logits[0]
             width = alone.shape[0]
-            assert torch.allclose(logits[i * G, -width:], alone, atol=1e-4)
+            assert torch.allclose(logits[i * G + G - 1, -width:], alone, **FLOAT32)
     data.check_image_tokens(grouped["input_ids"], grouped["image_grid_thw"], processor.image_token_id)
     cut = grouped["input_ids"].clone()  # a prompt that lost one image token, as truncation would do
     cut[0, (cut[0] == processor.image_token_id).nonzero()[0]] = processor.tokenizer.pad_token_id
     with pytest.raises(RuntimeError, match="image tokens"):
         data.check_image_tokens(cut, grouped["image_grid_thw"], processor.image_token_id)
+
+
+def test_a_prompt_longer_than_fits_is_refused_never_cut(base_model, tmp_path):
+    _, processor = plumbing.load_model(base_model)
+    records = prompts_with_images_of_different_sizes(tmp_path)
+    lengths = data.encode_prompts(processor, records)["attention_mask"].sum(1).tolist()
+    with pytest.raises(data.BadRecord, match="record clevr_math-bc: its prompt has .* with its 2 image"):
+        data.encode_prompts(processor, records, max_length=lengths[1] - 1)
+
+
+def test_boxes_are_read_in_the_frame_of_the_image_they_refer_to(base_model, tmp_path):
+    _, processor = plumbing.load_model(base_model)
+    processor.image_processor.size = {"shortest_edge": 28 * 28, "longest_edge": 112 * 112}
+    records = prompts_with_images_of_different_sizes(tmp_path)
+    _, grids = data.images_by_prompt(data.encode_prompts(processor, records), data.image_counts(records))
+    first, second = (data.image_size(processor, g) for g in grids[1])
+    assert first != second
+    assert data.box_frame(processor, records[1], grids[1]) == first               # the first image by default
+    assert data.box_frame(processor, {**records[1], "box_image": 1}, grids[1]) == second
 
 
 def test_generation_never_emits_vision_tokens(base_model):
@@ -137,14 +162,17 @@ def test_generation_never_emits_vision_tokens(base_model):
     batch = data.encode_prompts(processor, records)
     raw = model.generate(**batch, max_new_tokens=8, do_sample=True, top_k=0)[:, batch["input_ids"].shape[1]:]
     assert torch.isin(raw, torch.tensor(vision)).any(), "the test must make vision tokens likely"
-    ids = plumbing.generate(model, processor, data.repeat_groups(batch, 4), max_new_tokens=24, temperature=1.0)
+    ids = plumbing.generate(model, processor, data.repeat_groups(batch, 4, data.image_counts(records)), max_new_tokens=24, temperature=1.0)
     assert not torch.isin(ids, torch.tensor(vision)).any()
 
 
 # ---------------------------------------------------------------------------- the paper's equation
 
 def toy_rollout(model, processor, n_prompts, G, max_new_tokens=6, temperature=1.0):
-    records = data.load_records(*toy.data_path("test"), limit=n_prompts)
+    """A rollout of the first toy test records, a two-image one among them."""
+    records = data.load_records(*toy.data_path("test"))
+    two = next(r for r in records if len(r["image_paths"]) == 2)
+    records = records[:n_prompts - 1] + [two]
     torch.manual_seed(0)
     return grpo.rollout(model, processor, records, G, max_new_tokens, temperature), records
 
@@ -156,10 +184,12 @@ def test_rollout_tensors_line_up_with_the_generated_samples(tiny):
     n, T = ro["completion_ids"].shape
     assert n == 2 * G and ro["prompt_ids"].shape[0] == n and ro["completion_mask"].shape == (n, T)
     assert len(ro["pixels"]) == len(ro["grids"]) == 2 and len(ro["texts"]) == n
-    alone = data.encode_prompts(processor, records[:1])  # row 0 is prompt 0, left-padded
-    width = alone["input_ids"].shape[1]
-    assert torch.equal(ro["prompt_ids"][0, -width:], alone["input_ids"][0])
-    assert torch.equal(ro["pixels"][0], alone["pixel_values"])
+    assert [len(g) for g in ro["grids"]] == [1, 2]  # the second prompt has two images
+    for i in range(2):  # rows i*G.. are prompt i, left-padded, with its own images
+        alone = data.encode_prompts(processor, records[i:i + 1])
+        width = alone["input_ids"].shape[1]
+        assert torch.equal(ro["prompt_ids"][i * G, -width:], alone["input_ids"][0])
+        assert torch.equal(ro["pixels"][i], alone["pixel_values"]) and torch.equal(ro["grids"][i], alone["image_grid_thw"])
     eos = torch.tensor(data.end_of_turn_ids(processor.tokenizer))
     lengths = ro["completion_mask"].sum(1).long()
     for i in range(n):  # texts are the masked tokens; the mask ends at the first end of turn

@@ -89,7 +89,7 @@ class ChatServer(ThreadingHTTPServer):
         self.records = {r["id"]: r for r in records}
         self.images = {}
         for r in records:
-            with open(r["image_path"], "rb") as f:
+            with open(r["image_paths"][0], "rb") as f:
                 self.images["data:image/png;base64," + base64.b64encode(f.read()).decode()] = r["id"]
         assert len(self.images) == len(records), "two toy records share an image"
         self.calls, self.faults, self.texts = Counter(), {}, {}
