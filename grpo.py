@@ -30,7 +30,6 @@ import os
 from contextlib import nullcontext
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
@@ -83,6 +82,9 @@ def parse_args(argv=None):
     a("--loss-agg", default="seq", choices=["seq", "token", "dr_grpo"],
       help="seq: the paper's 1/|o_i| per sequence, then mean; token: DAPO; dr_grpo: sum / (n x max_new_tokens)")
     a("--adv-std", default="unbiased", choices=["unbiased", "none"], help="none: Dr. GRPO's unscaled advantages")
+    a("--dynamic-sampling", action="store_true", help="DAPO: replace groups whose rewards are all equal (no signal) "
+      "with groups of new prompts, up to --max-sampling-rounds more rounds (not in the paper)")
+    a("--max-sampling-rounds", type=int, default=3, help="extra rounds of --rollout-batch-size prompts per step at most")
     a("--freeze-vision", action=argparse.BooleanOptionalAction, help="(not in the paper)" + preset("freeze_vision"))
     # memory and speed knobs: no effect on the maths
     a("--micro-batch-size", type=int, help="samples per forward on a rank (None: all)" + preset("micro_batch_size"))
@@ -213,6 +215,53 @@ def micro_batch(ro, rows, G, processor, device):
     return batch, input_ids.shape[1] - T, T, mb
 
 
+def sample(policy, processor, records, args, step, round_, scorer, synced_gpus, max_prompt, accelerator):
+    """Steps 1-3 of a rollout step: its prompts, G completions each, their rewards. Returns the rollout
+    (ro, see rollout; with rewards (B*G,) and its times) and this rank's B records. Round 0 is the step's
+    own prompts; --dynamic-sampling draws more rounds, each from another permutation of the data."""
+    clock, t0, G = plumbing.clock, plumbing.clock(accelerator.device), args.num_generations
+    # ---- 1. this step's prompts: B = rollout batch / ranks, whole groups on each rank
+    seed = args.seed + 1_000_003 * round_
+    mine = [records[i] for i in data.step_indices(len(records), args.rollout_batch_size, step, seed,
+                                                   accelerator.process_index, accelerator.num_processes)]
+    # ---- 2. sample G completions per prompt: (B*G, T) tensors
+    ro = rollout(policy, processor, mine, G, args.max_new_tokens, args.temperature, args.gen_batch_size, synced_gpus,
+                 max_prompt)
+    t_gen = clock(accelerator.device)
+    # ---- 3. rewards r_i: one verifier per task                                   (B*G,)
+    ro["rewards"] = score(ro, mine, G, processor, scorer, args.reward_beta)
+    ro.update(time_generate_s=t_gen - t0, time_reward_s=clock(accelerator.device) - t_gen)
+    return ro, mine
+
+
+def resample(ro, mine, G, max_rounds, draw, accelerator):
+    """--dynamic-sampling (DAPO): a group whose rewards are all equal has no signal (its advantages are 0).
+    Draw more rounds of B prompts (`draw(r)` -> (ro, records)) until every rank has B groups with signal,
+    at most max_rounds more. Every rank runs the same rounds (one all-reduce each), so a rank that found
+    enough keeps drawing with the others instead of leaving them hanging, and one that found too few
+    keeps some groups without signal: every rank then trains on B groups, the same number of forwards.
+    Returns the rollout of the kept groups, their records, and the number of rounds drawn."""
+    parts, B = [(ro, mine)], len(mine)
+    signal = lambda r: (r["rewards"].view(-1, G).amax(1) > r["rewards"].view(-1, G).amin(1)).tolist()  # noqa: E731
+    while True:
+        have = sum(sum(signal(r)) for r, _ in parts)
+        missing = accelerator.reduce(torch.tensor(float(max(0, B - have)), device=accelerator.device), reduction="sum")
+        if float(missing) == 0 or len(parts) > max_rounds:
+            break
+        parts.append(draw(len(parts)))
+    groups = [(p, i, s) for p, (r, _) in enumerate(parts) for i, s in enumerate(signal(r))]
+    keep = sorted(groups, key=lambda x: not x[2])[:B]                    # those with signal first, in order
+    rows = [(parts[p][0], i * G + g) for p, i, _ in keep for g in range(G)]
+    pad = lambda key, value, left=False: data.pad_cat([r[key][j:j + 1] for r, j in rows], value, left)  # noqa: E731
+    out = dict(prompt_ids=pad("prompt_ids", 0, True), prompt_mask=pad("prompt_mask", 0, True),
+               completion_ids=pad("completion_ids", 0), completion_mask=pad("completion_mask", 0.0),
+               truncated=torch.stack([r["truncated"][j] for r, j in rows]), rewards=torch.stack([r["rewards"][j] for r, j in rows]),
+               texts=[r["texts"][j] for r, j in rows], pixels=[parts[p][0]["pixels"][i] for p, i, _ in keep],
+               grids=[parts[p][0]["grids"][i] for p, i, _ in keep],
+               **{k: sum(r[k] for r, _ in parts) for k in ("time_generate_s", "time_reward_s")})
+    return out, [parts[p][1][i] for p, i, _ in keep], len(parts)
+
+
 def score(ro, records, G, processor, scorer, beta):
     """(B*G,) rewards: each completion scored by the one verifier of its task, the format gate first.
     Boxes are read in the frame of the image the model saw (data.box_frame); open answers go to the reward model."""
@@ -224,28 +273,6 @@ def score(ro, records, G, processor, scorer, beta):
         contexts += [ctx] * G
     gts, kinds = [r["gt"] for r in records for _ in range(G)], [r["kind"] for r in records for _ in range(G)]
     return torch.tensor(rewards.reward_batch(ro["texts"], gts, kinds, contexts, scorer=scorer))
-
-
-def rollout_metrics(accelerator, ro, kinds, G):
-    """Means over every rank's samples: reward (and its std, and per verifier kind), the fractions
-    well-formed, cut at the token cap, and in groups with no signal, the mean completion length. A
-    reward stuck at 0 is read here: truncation, format, or one verifier."""
-    r, n = ro["rewards"].double(), len(ro["rewards"])
-    sums = {"n": n, "reward": r.sum(), "reward_sq": (r * r).sum(), "truncated": ro["truncated"].sum(),
-            "well_formed": sum(map(rewards.is_well_formed, ro["texts"])), "length": ro["completion_mask"].sum(),
-            "zero_std": (ro["advantages"].view(-1, G) == 0).all(1).sum(), "groups": n // G}
-    for k in rewards.KINDS:
-        of_kind = torch.tensor([kind == k for kind in kinds])
-        sums[f"reward/{k}"], sums[f"count/{k}"] = r[of_kind].sum(), of_kind.sum()
-    totals = accelerator.reduce(torch.tensor([float(v) for v in sums.values()], dtype=torch.float64,
-                                             device=accelerator.device), reduction="sum").tolist()
-    t = dict(zip(sums, totals))
-    mean = t["reward"] / t["n"]
-    row = dict(reward_mean=mean, reward_std=math.sqrt(max(0.0, t["reward_sq"] / t["n"] - mean ** 2)))
-    row.update({f"reward/{k}": t[f"reward/{k}"] / t[f"count/{k}"] for k in rewards.KINDS if t[f"count/{k}"]})
-    row.update(frac_well_formed=t["well_formed"] / t["n"], frac_truncated=t["truncated"] / t["n"],
-               frac_zero_std=t["zero_std"] / t["groups"], response_length_mean=t["length"] / t["n"])
-    return row
 
 
 # ----------------------------------------------------------------------------------------
@@ -347,10 +374,10 @@ def rollout_logprobs(model, ro, processor, args, device, micro):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
-    rank, world, G, device = accelerator.process_index, accelerator.num_processes, args.num_generations, accelerator.device
-    torch.manual_seed(args.seed + rank)  # ranks sample different completions
-    local_train, micro = batch_sizes(args, world)
+    accelerator = plumbing.start(args, "grpo")
+    G, device = args.num_generations, accelerator.device
+    torch.manual_seed(args.seed + accelerator.process_index)  # ranks sample different completions
+    micro = batch_sizes(args, accelerator.num_processes)[1]
     records, eval_records = load_data(args, accelerator)
     use_kl = args.kl_coef > 0 or args.kl_target is not None
     model, processor, optimizer, params, ref_model, scorer = load_models(
@@ -378,21 +405,19 @@ def main(argv=None):
     bar = tqdm(total=total_steps, initial=start, disable=args.quiet or not accelerator.is_main_process, desc="grpo")
     for step in range(start, total_steps):
         t0 = plumbing.clock(device)
-        # ---- 1. this step's prompts: B = rollout batch / ranks, whole groups on each rank
-        mine = [records[i] for i in data.step_indices(len(records), args.rollout_batch_size, step, args.seed, rank, world)]
-        # ---- 2. sample G completions per prompt: (B*G, T) tensors
+        # ---- 1-3. B prompts, G completions each (B*G, T), their rewards (B*G,): see sample()
         policy.eval()
-        ro = rollout(policy, processor, mine, G, args.max_new_tokens, args.temperature, args.gen_batch_size, synced_gpus,
-                     max_prompt)
-        t_gen = plumbing.clock(device)
+        draw = lambda r: sample(policy, processor, records, args, step, r, scorer, synced_gpus, max_prompt, accelerator)  # noqa: E731
+        ro, mine = draw(0)
+        rounds = 1
+        if args.dynamic_sampling:  # DAPO: groups without signal give way to groups of new prompts
+            ro, mine, rounds = resample(ro, mine, G, args.max_sampling_rounds, draw, accelerator)
+        t_sampled = plumbing.clock(device)
         if cache_vision:
             with accelerator.autocast():  # each image once; the forwards of steps 5 and 6 reuse the features
                 ro["features"] = plumbing.encode_images(policy, ro["pixels"], ro["grids"], args.gen_batch_size)
         policy.train()
-        t_vision = plumbing.clock(device)
-        # ---- 3. rewards r_i: one verifier per task                                   (B*G,)
-        ro["rewards"] = score(ro, mine, G, processor, scorer, args.reward_beta)
-        t_reward = plumbing.clock(device)
+        t_encoded = plumbing.clock(device)
         # ---- 4. advantages (1), within each group                                      (B*G,)
         ro["advantages"] = group_advantages(ro["rewards"], G, args.adv_std)
         # ---- 5. log pi_old (only when a rollout feeds several updates) and log pi_ref (only with KL)   (B*G, T)
@@ -408,14 +433,14 @@ def main(argv=None):
         skipped += n_skipped
         t_end = plumbing.clock(device)
         # ---- 7. log, adapt beta (5), checkpoint
-        row = dict(step=step + 1, **rollout_metrics(accelerator, ro, [r["kind"] for r in mine for _ in range(G)], G),
+        row = dict(step=step + 1, **plumbing.rollout_metrics(accelerator, ro, [r["kind"] for r in mine for _ in range(G)], G),
                    kl=kl, kl_coef=kl_coef, loss=loss, clip_frac=clip_frac, grad_norm=sum(grad_norms) / len(grad_norms),
-                   lr=optimizer.param_groups[0]["lr"], skipped_updates=skipped, step_time_s=t_end - t0,
-                   time_generate_s=t_gen - t0, time_vision_s=t_vision - t_gen, time_reward_s=t_reward - t_vision,
-                   time_logprobs_s=t_logprobs - t_reward, time_update_s=t_end - t_logprobs)
+                   lr=optimizer.param_groups[0]["lr"], skipped_updates=skipped, prompts_drawn=rounds * args.rollout_batch_size,
+                   step_time_s=t_end - t0, time_generate_s=ro["time_generate_s"], time_reward_s=ro["time_reward_s"],
+                   time_vision_s=t_encoded - t_sampled, time_logprobs_s=t_logprobs - t_encoded, time_update_s=t_end - t_logprobs)
         if args.kl_target is not None:
             kl_coef = update_kl_coef(kl_coef, kl, args.kl_target, args.rollout_batch_size * G, args.kl_horizon)
-        plumbing.log_row(metrics_log, row)
+        plumbing.log_row(metrics_log, row, accelerator)
         for i in range(min(args.log_rollouts, len(ro["texts"]))):
             plumbing.log_row(rollouts_log, dict(step=step + 1, id=mine[i // G]["id"], kind=mine[i // G]["kind"],
                                                 response=ro["texts"][i], reward=float(ro["rewards"][i])))

@@ -78,7 +78,31 @@ def stage_args(doc, output_dir, data_help, preset):
     a("--seed", type=int, default=0)
     a("--trust-remote-code", action="store_true", help="allow model code shipped with a checkpoint")
     a("--quiet", action="store_true", help="no progress bar or summary")
+    a("--report-to", default="none", help="also log the metrics rows to these trackers, comma-separated: tensorboard, "
+      "wandb, trackio (each an optional package); metrics.jsonl is always written")
     return p
+
+
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",)}
+
+
+def start(args, project):
+    """The Accelerator of a training run (bf16 autocast on GPUs), with the trackers of --report-to started
+    and given the run's settings; a tracker whose package is missing stops the run with one line."""
+    import importlib.util
+    from accelerate import Accelerator
+    trackers = [t for t in args.report_to.split(",") if t and t != "none"]
+    for name in trackers:
+        if name not in TRACKERS:
+            raise UserError(f"--report-to {name}: not one of {', '.join(TRACKERS)}")
+        if not any(importlib.util.find_spec(package) for package in TRACKERS[name]):
+            raise UserError(f"--report-to {name} needs the {TRACKERS[name][0]} package: pip install {TRACKERS[name][0]}")
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no", log_with=trackers or None,
+                              project_dir=args.output_dir)
+    if trackers:  # settings as the trackers take them: None and lists as text
+        config = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers(project, config=config)
+    return accelerator
 
 
 def apply_presets(args, real, toy_preset):
@@ -349,10 +373,36 @@ def read_log(path):
     return rows
 
 
-def log_row(file, row):
+def log_row(file, row, accelerator=None):
+    """Appends a row to a run log (the main process holds the file); with `accelerator`, also to the
+    trackers of --report-to, at the row's step."""
     if file is not None:
         file.write(json.dumps(row) + "\n")
         file.flush()
+    if accelerator is not None and accelerator.trackers:
+        accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+def rollout_metrics(accelerator, ro, kinds, G):
+    """Means over every rank's samples: reward (and its std, and per verifier kind), the fractions
+    well-formed, cut at the token cap, and in groups with no signal, the mean completion length. A
+    reward stuck at 0 is read here: truncation, format, or one verifier."""
+    r, n = ro["rewards"].double(), len(ro["rewards"])
+    sums = {"n": n, "reward": r.sum(), "reward_sq": (r * r).sum(), "truncated": ro["truncated"].sum(),
+            "well_formed": sum(map(rewards.is_well_formed, ro["texts"])), "length": ro["completion_mask"].sum(),
+            "zero_std": (ro["advantages"].view(-1, G) == 0).all(1).sum(), "groups": n // G}
+    for k in rewards.KINDS:
+        of_kind = torch.tensor([kind == k for kind in kinds])
+        sums[f"reward/{k}"], sums[f"count/{k}"] = r[of_kind].sum(), of_kind.sum()
+    totals = accelerator.reduce(torch.tensor([float(v) for v in sums.values()], dtype=torch.float64,
+                                             device=accelerator.device), reduction="sum").tolist()
+    t = dict(zip(sums, totals))
+    mean = t["reward"] / t["n"]
+    row = dict(reward_mean=mean, reward_std=math.sqrt(max(0.0, t["reward_sq"] / t["n"] - mean ** 2)))
+    row.update({f"reward/{k}": t[f"reward/{k}"] / t[f"count/{k}"] for k in rewards.KINDS if t[f"count/{k}"]})
+    row.update(frac_well_formed=t["well_formed"] / t["n"], frac_truncated=t["truncated"] / t["n"],
+               frac_zero_std=t["zero_std"] / t["groups"], response_length_mean=t["length"] / t["n"])
+    return row
+
 
 # ----------------------------------------------------------------------------------------
 # The optimizer step, the LR schedule, the end of a run

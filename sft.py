@@ -21,7 +21,6 @@ import os
 from contextlib import nullcontext
 
 import torch
-from accelerate import Accelerator
 from tqdm import tqdm
 
 import data
@@ -83,7 +82,7 @@ class MicroBatches(torch.utils.data.Dataset):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    accelerator = plumbing.start(args, "sft")
     torch.manual_seed(args.seed)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     micro = args.micro_batch_size or args.batch_size // world
@@ -129,7 +128,7 @@ def main(argv=None):
         skipped += not applied
         loss = accelerator.reduce(loss_sum, reduction="mean").item()
         plumbing.log_row(metrics_log, dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, skipped_updates=skipped,
-                                           tokens_per_s=tokens * world / (plumbing.clock(device) - t0)))
+                                           tokens_per_s=tokens * world / (plumbing.clock(device) - t0)), accelerator)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         bar.update(1)
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:

@@ -378,6 +378,36 @@ def test_toy_defaults_run_unchanged_on_two_ranks(tmp_path):
     assert summary["eval_end"]["all"] > 0  # the held-out split was scored, sharded over both ranks
 
 
+def test_dynamic_sampling_on_two_ranks_fills_the_batch_with_groups_that_have_signal(tmp_path):
+    """Digit answers score 0 (no signal in their groups), others by their text: the ranks find different
+    numbers of groups with signal per round, and must still run the same rounds and forwards."""
+    out = str(tmp_path / "dyn")
+    run_two_ranks("tests/reward_by_kind.py", "grpo.py", *GRPO_SMALL, "--max-steps", "3", "--output-dir", out,
+                  "--kinds", "digit,math", "--dynamic-sampling", "--max-sampling-rounds", "6")
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["ranks"] == 2 and summary["weights_in_sync"] is True and len(rows) == 3
+    assert all(r["prompts_drawn"] % 4 == 0 for r in rows) and max(r["prompts_drawn"] for r in rows) > 4
+    assert all(r["frac_zero_std"] == 0 for r in rows if r["prompts_drawn"] < 4 * 7)  # full: every group has signal
+    assert all("reward/digit" not in r for r in rows if r["frac_zero_std"] == 0)  # the digit groups gave way
+
+
+def test_metrics_go_to_tensorboard_too(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = str(tmp_path / "tb")
+    grpo.main([*GRPO_SMALL, "--max-steps", "2", "--output-dir", out, "--report-to", "tensorboard"])
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    events = EventAccumulator(os.path.join(out, "grpo")).Reload()
+    logged = events.Scalars("reward_mean")
+    assert [e.step for e in logged] == [1, 2] and [e.value for e in logged] == approx([r["reward_mean"] for r in rows])
+    assert {"loss", "kl", "time_generate_s"} <= set(events.Tags()["scalars"])
+
+
+def test_a_tracker_that_is_not_installed_is_one_clear_line(tmp_path):
+    with pytest.raises(plumbing.UserError, match="--report-to wandb needs the wandb package: pip install wandb"):
+        grpo.main([*GRPO_SMALL, "--max-steps", "1", "--output-dir", str(tmp_path), "--report-to", "wandb"])
+
+
 @pytest.mark.slow
 def test_toy_goal(tmp_path):
     """The issue's toy goal: python grpo.py with no flags learns visibly (minutes)."""
