@@ -98,6 +98,20 @@ def read_json_records(path):
         return records
 
 
+def read_rows(path):
+    """The rows of a JSON Lines log or cache (none if the file does not exist); unlike a data file, a
+    line cut short by a kill is skipped, not an error."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return rows
+
+
 def read_hub_records(spec):
     """'org/name' or 'org/name:file.json' through `datasets` (needs network or its cache)."""
     import datasets
@@ -526,15 +540,7 @@ def chat(client, model, messages):
 
 def read_cache(paths):
     """Rows of JSON Lines caches; a line a kill cut short is skipped."""
-    rows = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return rows
+    return [row for path in paths for row in read_rows(path)]
 
 
 def open_cache(path):

@@ -94,7 +94,7 @@ def load_benchmark(name, root=None, limit=None):
 def generate_missing(model, processor, items, path, args, accelerator):
     """Greedy responses for the items not yet in `path`, appended a batch at a time by the main
     process (plumbing.greedy_answers shards them over the ranks)."""
-    done = {row["id"] for row in plumbing.read_log(path)}
+    done = {row["id"] for row in data.read_rows(path)}
     accelerator.wait_for_everyone()  # every rank has read the file before it grows
     todo = [it for it in items if it["id"] not in done]
     batches = math.ceil(math.ceil(len(todo) / accelerator.num_processes) / args.batch_size)
@@ -111,7 +111,7 @@ def start_over_if_stale(model_dir, settings, accelerator):
     path = os.path.join(model_dir, "generation.json")
     if accelerator.is_main_process:
         os.makedirs(model_dir, exist_ok=True)
-        old = (plumbing.read_log(path) or [None])[0]
+        old = (data.read_rows(path) or [None])[0]
         if old != settings:
             stale = glob.glob(os.path.join(model_dir, "*.jsonl"))
             if stale:
@@ -206,7 +206,7 @@ def plot_runs(run_dirs, out_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = {os.path.basename(os.path.normpath(d)): plumbing.read_log(os.path.join(d, "metrics.jsonl")) for d in run_dirs}
+    runs = {os.path.basename(os.path.normpath(d)): data.read_rows(os.path.join(d, "metrics.jsonl")) for d in run_dirs}
     panels = [("reward_mean", "training reward (mean)"), ("response_length_mean", "response length (tokens)")]
     no_reward = [name for name, rows in runs.items() if not any("reward_mean" in r for r in rows)]
     if no_reward:
@@ -238,8 +238,8 @@ def plot_runs(run_dirs, out_path):
 def rollout_aha(run_dir, bins=10):
     """Aha phrases in a GRPO run's logged rollouts, per bin of steps, with the mean response length
     (tokens, over all samples) from its metrics.jsonl. Returns a Markdown table."""
-    rollouts = plumbing.read_log(os.path.join(run_dir, "rollouts.jsonl"))
-    lengths = {r["step"]: r["response_length_mean"] for r in plumbing.read_log(os.path.join(run_dir, "metrics.jsonl"))
+    rollouts = data.read_rows(os.path.join(run_dir, "rollouts.jsonl"))
+    lengths = {r["step"]: r["response_length_mean"] for r in data.read_rows(os.path.join(run_dir, "metrics.jsonl"))
                if "response_length_mean" in r}
     steps = sorted({r["step"] for r in rollouts})
     if not steps:
@@ -312,7 +312,7 @@ def main(argv=None):
         out_dir = os.path.join(args.output_dir, label)
         summary, responses = dict(model=path, checkpoint=checkpoints[label], scoring=scoring, benchmarks={}), []
         for b in benchmarks:
-            rows = {row["id"]: row for row in plumbing.read_log(os.path.join(out_dir, f"{b}.jsonl"))}
+            rows = {row["id"]: row for row in data.read_rows(os.path.join(out_dir, f"{b}.jsonl"))}
             summary["benchmarks"][b], results = score(b, items[b], rows, judge)
             with open(os.path.join(out_dir, f"{b}.scores.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in results)

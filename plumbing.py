@@ -355,22 +355,9 @@ def open_log(accelerator, run_dir, name, start_step):
     if not accelerator.is_main_process:
         return None
     path = os.path.join(run_dir, name)
-    kept = [row for row in read_log(path) if start_step and row.get("step", math.inf) <= start_step]
+    kept = [row for row in data.read_rows(path) if start_step and row.get("step", math.inf) <= start_step]
     _write_atomically(path, "".join(json.dumps(row) + "\n" for row in kept))
     return open(path, "a")
-
-
-def read_log(path):
-    """The rows of a JSON Lines file (none if it does not exist); a line cut short by a kill is skipped."""
-    rows = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return rows
 
 
 def log_row(file, row, accelerator=None):
@@ -445,7 +432,7 @@ def finish_run(accelerator, model, run_dir, key, logs, **summary):
     for log in logs:
         if log is not None:
             log.close()
-    rows = read_log(os.path.join(run_dir, "metrics.jsonl")) if accelerator.is_main_process else []
+    rows = data.read_rows(os.path.join(run_dir, "metrics.jsonl")) if accelerator.is_main_process else []
     k = max(1, len(rows) // 10)
     first, last = [sum(r[key] for r in rs) / max(1, len(rs)) for rs in (rows[:k], rows[-k:])]
     summary = {f"{key}_first_10pct": first, f"{key}_last_10pct": last, "steps": len(rows), **summary,

@@ -30,7 +30,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 sys.path.insert(0, ROOT)
 import grpo  # noqa: E402  (only for its toy recipe, TOY: part of the protocol)
-import plumbing  # noqa: E402
+import data  # noqa: E402
 import sft  # noqa: E402  (its toy recipe too)
 import toy  # noqa: E402
 
@@ -149,7 +149,7 @@ def spread(values, digits=1):
 
 def training_curve(run_dir, key):
     """(steps, values) of one metric of a run."""
-    rows = [r for r in plumbing.read_log(os.path.join(run_dir, "metrics.jsonl")) if key in r]
+    rows = [r for r in data.read_rows(os.path.join(run_dir, "metrics.jsonl")) if key in r]
     return [r["step"] for r in rows], [r[key] for r in rows]
 
 

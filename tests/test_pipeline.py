@@ -89,9 +89,10 @@ class ChatServer(ThreadingHTTPServer):
         self.records = {r["id"]: r for r in records}
         self.images = {}
         for r in records:
-            with open(r["image_paths"][0], "rb") as f:
-                self.images["data:image/png;base64," + base64.b64encode(f.read()).decode()] = r["id"]
-        assert len(self.images) == len(records), "two toy records share an image"
+            for path in r["image_paths"]:  # every image of a record names it (a toy record may have two)
+                with open(path, "rb") as f:
+                    self.images["data:image/png;base64," + base64.b64encode(f.read()).decode()] = r["id"]
+        assert len(self.images) == sum(len(r["image_paths"]) for r in records), "two toy images are the same"
         self.calls, self.faults, self.texts = Counter(), {}, {}
         self.hold, self.release, self.lock = None, threading.Event(), threading.Lock()
 
