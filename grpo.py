@@ -154,14 +154,6 @@ def update_kl_coef(coef, kl, target, n_samples, horizon):
     return coef * (1 + max(-0.2, min(0.2, kl / target - 1)) * n_samples / horizon)
 
 
-def token_logprobs(model, batch, prompt_len, temperature):
-    """log pi(o_t | q, o_<t) of the completion tokens, from logits / temperature. (b, T)"""
-    logits = model(**batch).logits
-    logits = logits[:, prompt_len - 1:-1].float() / temperature          # (b, T, V) predicting o_t
-    targets = batch["input_ids"][:, prompt_len:]                          # (b, T)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
-
 # ----------------------------------------------------------------------------------------
 # Rollouts: this rank's prompts x G completions, as tensors
 
@@ -191,28 +183,56 @@ def rollout(policy, processor, records, G, max_new_tokens, temperature, gen_batc
                 texts=tok.batch_decode(completion_ids, skip_special_tokens=True))
 
 
-def micro_batch(ro, rows, G, processor, device):
-    """Inputs of the training forward for the samples `rows` (b,) of a rollout: prompt | completion,
-    cut to the columns some row uses, with each sample's own prompt image (its pixels or, with a frozen
-    tower, its cached features). Returns (batch, P, T, mb): P prompt and T completion columns, and mb
-    the rows' slices of the rollout's per-sample tensors (mask, advantages, old/ref log-probs: (b, T), (b,))."""
-    prompt_mask, mask = ro["prompt_mask"][rows], ro["completion_mask"][rows]
-    first = int(prompt_mask.any(0).int().argmax())                        # left padding every row has
+def token_logprobs(model, ro, rows, G, processor, temperature, rope_index, device, share=True):
+    """log pi(o_t | q, o_<t) from logits / temperature, for the completion tokens of the samples `rows`
+    (b,) of a rollout: (b, T). Also returns mb, the rows' slices of the rollout's per-sample tensors
+    (completion_mask, advantages, old/ref log-probs: (b, T) or (b,)).
+
+    Each distinct prompt among the rows goes through the model once, with its images (or a frozen
+    tower's cached features); its KV cache, repeated for each of its samples, is the context their
+    completions run on. The positions are those of the whole (prompt | completion) rows (rope_index:
+    the model's M-RoPE positions), so every token gets the logits of that row's own forward - for a
+    fraction of the prompt tokens, which are most of a short-answer VLM sample. Not in the paper: it
+    is the same maths, computed once per prompt instead of once per sample. share=False (models with
+    linear-attention layers, plumbing.can_share_prompts) runs the whole rows instead."""
+    prompts, index = torch.unique(rows // G, return_inverse=True)         # distinct prompts; each row's one
+    heads = prompts * G                                                   # a row of each prompt (its first)
+    first = int(ro["prompt_mask"][heads].any(0).int().argmax())           # left padding every prompt has
+    prompt_ids, prompt_mask = ro["prompt_ids"][heads, first:], ro["prompt_mask"][heads, first:]   # (p, P)
+    mask = ro["completion_mask"][rows]
     T = int(mask.sum(1).max())
-    input_ids = torch.cat([ro["prompt_ids"][rows, first:], ro["completion_ids"][rows, :T]], 1)   # (b, P+T)
-    prompts = (rows // G).tolist()
-    batch = dict(input_ids=input_ids, attention_mask=torch.cat([prompt_mask[:, first:], mask[:, :T].long()], 1),
-                 mm_token_type_ids=data.mm_token_types(processor, input_ids),
-                 image_grid_thw=torch.cat([ro["grids"][i] for i in prompts]))
-    data.check_image_tokens(input_ids, batch["image_grid_thw"], processor.image_token_id)  # never a cut prompt
-    batch = {k: v.to(device) for k, v in batch.items()}
-    if "features" in ro:  # a frozen tower's output, encoded once this step (plumbing.encode_images)
-        batch["mm_encoder_outputs"] = plumbing.encoder_outputs([f for i in prompts for f in ro["features"][i]])
-    else:
-        batch["pixel_values"] = torch.cat([ro["pixels"][i] for i in prompts]).to(device)
+    completion_ids = ro["completion_ids"][rows, :T]                                                # (b, T)
+    input_ids = torch.cat([prompt_ids[index], completion_ids], 1)                                  # (b, P+T)
+    attention_mask = torch.cat([prompt_mask[index], mask[:, :T].long()], 1)
+    types = data.mm_token_types(processor, input_ids)
+    grids = [ro["grids"][p] for p in prompts.tolist()]
+    positions = rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=torch.cat([grids[i] for i in index]),
+                           attention_mask=attention_mask)[0]                                       # (3, b, P+T)
+    P, own = prompt_ids.shape[1], [int((index == k).nonzero()[0]) for k in range(len(prompts))]
+    data.check_image_tokens(prompt_ids, torch.cat(grids), processor.image_token_id)  # never a cut prompt
+    def images(ps):  # the images of prompts ps: a frozen tower's output encoded once this step, or pixels
+        if "features" in ro:
+            return dict(mm_encoder_outputs=plumbing.encoder_outputs([f for p in ps for f in ro["features"][p]]))
+        return dict(pixel_values=torch.cat([ro["pixels"][p] for p in ps]).to(device))
+    if share:
+        head = dict(input_ids=prompt_ids, attention_mask=prompt_mask, mm_token_type_ids=types[own, :P],
+                    position_ids=positions[:, own, :P], image_grid_thw=torch.cat(grids))
+        out = model(**{k: v.to(device) for k, v in head.items()}, **images(prompts.tolist()), use_cache=True,
+                    logits_to_keep=1)                                     # the prompts: (p, 1, V) predicts o_0
+        out.cache.batch_select_indices(index.to(device))                  # each sample's own prompt's cache
+        rest = model(input_ids=completion_ids.to(device), attention_mask=attention_mask.to(device),
+                     position_ids=positions[:, :, P:].to(device), cache=out.cache)   # (b, T, V) predicts o_1..o_T
+        logits = torch.cat([out.logits[index.to(device)], rest.logits[:, :-1]], 1)
+    else:  # whole (prompt | completion) rows, each prompt repeated for its samples
+        rows_in = dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=types, position_ids=positions,
+                       image_grid_thw=torch.cat([grids[i] for i in index]))
+        logits = model(**{k: v.to(device) for k, v in rows_in.items()}, **images(prompts[index].tolist()),
+                       logits_to_keep=T + 1).logits[:, :-1]                # (b, T, V) predicts o_0..o_{T-1}
+    logits = logits.float() / temperature                                 # (b, T, V)
+    targets = completion_ids.to(device)
     mb = {k: ro[k][rows, :T].to(device) if ro[k].dim() == 2 else ro[k][rows].to(device)
           for k in ("completion_mask", "advantages", "old_logprobs", "ref_logprobs") if k in ro}
-    return batch, input_ids.shape[1] - T, T, mb
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1), mb
 
 
 def sample(policy, processor, records, args, step, round_, scorer, synced_gpus, max_prompt, accelerator):
@@ -323,15 +343,18 @@ def load_models(args, accelerator, need_reference, open_ended):
 # ----------------------------------------------------------------------------------------
 # Training
 
-def optimise(model, optimizer, params, ro, processor, args, accelerator, micro, kl_coef, step, lr_at):
+def optimise(model, optimizer, params, ro, processor, args, accelerator, micro, kl_coef, step, lr_at, rope_index, share):
     """Step 6: --epochs passes over the rollout's samples in shuffled train batches, each one optimizer
     update accumulated over micro-batches; returns ((loss, kl, clip_frac) means, grad norms, skipped)."""
     n, world = len(ro["rewards"]), accelerator.num_processes
     local_train = args.train_batch_size // world
     shuffle = torch.Generator().manual_seed(args.seed * 100_003 + step)
+    G = args.num_generations
     stats, grad_norms, skipped = [], [], 0  # stats stay on the device: one sync per step, not per micro-batch
     for _ in range(args.epochs):
-        perm = torch.randperm(n, generator=shuffle)
+        # whole groups in random order (not in the paper: it shuffles samples), so that a micro-batch's
+        # samples share prompts, which token_logprobs then runs once
+        perm = (torch.randperm(n // G, generator=shuffle).unsqueeze(1) * G + torch.arange(G)).flatten()
         for start in range(0, n, local_train):
             rows = perm[start:start + local_train]
             # token-level averaging (DAPO) divides by the train batch's tokens over all ranks
@@ -339,19 +362,19 @@ def optimise(model, optimizer, params, ro, processor, args, accelerator, micro, 
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(len(grad_norms))
             for m in range(0, local_train, micro):
-                batch, P, T, mb = micro_batch(ro, rows[m:m + micro], args.num_generations, processor, accelerator.device)
-                mask = mb["completion_mask"]                                                          # (b, T)
                 # gradients are all-reduced only on the last micro-batch of the update
                 with accelerator.no_sync(model) if m + micro < local_train else nullcontext():
-                    logp = token_logprobs(model, batch, P, args.temperature)                         # (b, T)
+                    logp, mb = token_logprobs(model, ro, rows[m:m + micro], G, processor, args.temperature, rope_index,
+                                              accelerator.device, share)                                     # (b, T)
+                    mask = mb["completion_mask"]                                                      # (b, T)
                     old = mb.get("old_logprobs", logp.detach())                                       # else rho = 1
                     kl = k3_kl(logp, mb["ref_logprobs"]) if "ref_logprobs" in mb else None            # (b, T)
                     loss, clip_frac = policy_loss(logp, old, mb["advantages"], mask, args.clip_eps, args.clip_eps_high,
                                                   kl, kl_coef, args.loss_agg, args.max_new_tokens)
                     # this micro-batch's share of the train batch's loss: a mean over its sequences
                     # (seq, dr_grpo) or its tokens (token; DDP then averages over ranks, hence x world)
-                    share = mask.sum() / n_tokens * world if args.loss_agg == "token" else len(mask) / local_train
-                    accelerator.backward(loss * share)
+                    weight = mask.sum() / n_tokens * world if args.loss_agg == "token" else len(mask) / local_train
+                    accelerator.backward(loss * weight)
                 kl_mean = aggregate(kl, mask, "seq", 1) if kl is not None else torch.zeros((), device=logp.device)
                 stats.append(torch.stack([loss, kl_mean, clip_frac]).detach())
             grad_norm, applied = plumbing.clip_and_step(accelerator, optimizer, params)  # NaN/inf: skipped
@@ -361,14 +384,15 @@ def optimise(model, optimizer, params, ro, processor, args, accelerator, micro, 
 
 
 @torch.no_grad()
-def rollout_logprobs(model, ro, processor, args, device, micro):
+def rollout_logprobs(model, ro, processor, args, device, micro, rope_index, share):
     """Step 5: log-probs of every completion token of a rollout under `model`, micro-batch by
     micro-batch, before any update. (B*G, T), 0 after each completion's end."""
     logprobs = torch.zeros(ro["completion_mask"].shape)                                             # (B*G, T)
     for start in range(0, len(logprobs), micro):
         rows = torch.arange(start, min(start + micro, len(logprobs)))
-        batch, P, T, _ = micro_batch(ro, rows, args.num_generations, processor, device)
-        logprobs[rows, :T] = token_logprobs(model, batch, P, args.temperature).cpu()
+        lp, _ = token_logprobs(model, ro, rows, args.num_generations, processor, args.temperature, rope_index, device,
+                               share)
+        logprobs[rows, :lp.shape[1]] = lp.cpu()
     return logprobs
 
 
@@ -383,6 +407,8 @@ def main(argv=None):
     model, processor, optimizer, params, ref_model, scorer = load_models(
         args, accelerator, use_kl, any(r["kind"] == "open" for r in records))
     policy = accelerator.unwrap_model(model)  # generate() lives on the bare model
+    rope_index = policy.model.get_rope_index  # the M-RoPE positions of token rows (token_logprobs)
+    share = plumbing.can_share_prompts(policy)  # completions on a copy of their prompt's KV cache
     synced_gpus = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     # Under FSDP/ZeRO-3 a tower called outside the model's forward would bypass the sharding hooks.
     cache_vision = args.freeze_vision and not synced_gpus
@@ -422,14 +448,15 @@ def main(argv=None):
         ro["advantages"] = group_advantages(ro["rewards"], G, args.adv_std)
         # ---- 5. log pi_old (only when a rollout feeds several updates) and log pi_ref (only with KL)   (B*G, T)
         if updates > 1:
-            ro["old_logprobs"] = rollout_logprobs(model, ro, processor, args, device, micro)
+            ro["old_logprobs"] = rollout_logprobs(model, ro, processor, args, device, micro, rope_index, share)
         if use_kl:
-            ro["ref_logprobs"] = rollout_logprobs(ref_model, ro, processor, args, device, micro)
+            ro["ref_logprobs"] = rollout_logprobs(ref_model, ro, processor, args, device, micro, rope_index, share)
         t_logprobs = plumbing.clock(device)
         # ---- 6. maximise (4): epochs x shuffled train batches x micro-batches
         (loss, kl, clip_frac), grad_norms, n_skipped = optimise(
             model, optimizer, params, ro, processor, args, accelerator, micro, kl_coef, step,
-            lambda u: plumbing.cosine_lr(step * updates + u, total_steps * updates, args.warmup_ratio, args.lr, args.min_lr))
+            lambda u: plumbing.cosine_lr(step * updates + u, total_steps * updates, args.warmup_ratio, args.lr, args.min_lr),
+            rope_index, share)
         skipped += n_skipped
         t_end = plumbing.clock(device)
         # ---- 7. log, adapt beta (5), checkpoint

@@ -166,6 +166,13 @@ def load_model(name, dtype=None, min_pixels=None, max_pixels=None, trust_remote_
     return model, processor
 
 
+def can_share_prompts(model):
+    """Whether a prompt's KV cache may be copied for each of its samples' completions (grpo.token_logprobs).
+    Not with linear-attention layers (Qwen3.5's), whose cache is a running state updated in place."""
+    config = getattr(model.config, "text_config", model.config)
+    return "linear_attention" not in (getattr(config, "layer_types", None) or [])
+
+
 def freeze_vision_tower(model):
     """The vision tower (and its merger) stops training, as in the paper's SFT."""
     vision = model.model.visual if hasattr(model, "model") and hasattr(model.model, "visual") else model.visual

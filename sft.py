@@ -127,8 +127,9 @@ def main(argv=None):
         grad_norm, applied = plumbing.clip_and_step(accelerator, optimizer, params)  # NaN/inf: skipped
         skipped += not applied
         loss = accelerator.reduce(loss_sum, reduction="mean").item()
+        dt = plumbing.clock(device) - t0
         plumbing.log_row(metrics_log, dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, skipped_updates=skipped,
-                                           tokens_per_s=tokens * world / (plumbing.clock(device) - t0)), accelerator)
+                                           step_time_s=dt, tokens_per_s=tokens * world / dt), accelerator)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         bar.update(1)
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:

@@ -79,24 +79,24 @@ def test_sft_step_and_checkpoint_round_trip(family, tmp_path):
 
 
 def test_batched_and_cached_logprobs_match_one_at_a_time(family):
-    """Left-padded prompts | right-padded completions, and a frozen tower's cached features (Qwen3-VL's
-    deepstack features included), give the log-probs each sample gets alone from its pixels."""
+    """Prompts run once for their samples (or whole rows, for a family whose cache cannot be shared),
+    left-padded prompts of different lengths, and a frozen tower's cached features (Qwen3-VL's deepstack
+    features included) give the log-probs each sample gets alone from its pixels."""
     arch, path = family
     model, processor = plumbing.load_model(path)
     model.eval()
     torch.manual_seed(0)
     ro = grpo.rollout(model, processor, records(n=3), 2, max_new_tokens=5, temperature=1.0)
     assert (ro["prompt_mask"] == 0).any()  # prompts of different lengths: the batch is padded
-    n, rows = len(ro["texts"]), torch.arange(len(ro["texts"]))
+    n, rows, rope, share = len(ro["texts"]), torch.arange(len(ro["texts"])), model.model.get_rope_index, \
+        plumbing.can_share_prompts(model)
+    assert share == (arch != "qwen3_5")  # Qwen3.5's linear-attention layers keep a running state
     with torch.no_grad():
-        alone = [grpo.token_logprobs(model, *grpo.micro_batch(ro, rows[j:j + 1], 2, processor, "cpu")[:2], 1.0)[0]
+        alone = [grpo.token_logprobs(model, ro, rows[j:j + 1], 2, processor, 1.0, rope, "cpu", share)[0][0]
                  for j in range(n)]
-        batch, P, _, _ = grpo.micro_batch(ro, rows, 2, processor, "cpu")
-        batched = grpo.token_logprobs(model, batch, P, 1.0)
+        batched, _ = grpo.token_logprobs(model, ro, rows, 2, processor, 1.0, rope, "cpu", share)
         ro["features"] = plumbing.encode_images(model, ro["pixels"], ro["grids"], batch_size=2)
-        batch, P, _, _ = grpo.micro_batch(ro, rows, 2, processor, "cpu")
-        assert "pixel_values" not in batch and "mm_encoder_outputs" in batch
-        cached = grpo.token_logprobs(model, batch, P, 1.0)
+        cached, _ = grpo.token_logprobs(model, ro, rows, 2, processor, 1.0, rope, "cpu", share)
     for j in range(n):
         m = len(alone[j])
         assert torch.allclose(batched[j, :m], alone[j], **FLOAT32), (arch, j)

@@ -211,17 +211,19 @@ def test_one_update_gradient_equals_the_papers_objective(tiny):
     torch.manual_seed(1)
     noise_old, noise_ref = torch.randn(ro["completion_mask"].shape) * 0.1, torch.randn(ro["completion_mask"].shape) * 0.1
     args = argparse.Namespace(num_generations=G, temperature=T)
-    current = grpo.rollout_logprobs(model, ro, processor, args, "cpu", micro=3)   # (n, T), micro-batches of 3
+    rope = model.model.get_rope_index
+    current = grpo.rollout_logprobs(model, ro, processor, args, "cpu", 3, rope, True)   # (n, T), micro-batches of 3
     ro["old_logprobs"], ro["ref_logprobs"] = current + noise_old, current + noise_ref
 
-    # (a) what grpo.py computes
-    model.zero_grad()
-    batch, P, T_, mb = grpo.micro_batch(ro, torch.arange(n), G, processor, "cpu")
-    logp = grpo.token_logprobs(model, batch, P, T)
-    loss, _ = grpo.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mb["completion_mask"], 0.2, 0.2,
-                               grpo.k3_kl(logp, mb["ref_logprobs"]), beta)
-    loss.backward()
-    ours = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    # (a) what grpo.py computes, with each prompt run once (share=True) and with whole rows (share=False)
+    ours = []
+    for share in (True, False):
+        model.zero_grad()
+        logp, mb = grpo.token_logprobs(model, ro, torch.tensor([2, 0, 3, 1]), G, processor, T, rope, "cpu", share)
+        loss, _ = grpo.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mb["completion_mask"], 0.2, 0.2,
+                                   grpo.k3_kl(logp, mb["ref_logprobs"]), beta)
+        loss.backward()
+        ours.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
 
     # (b) the objective, one unpadded sequence at a time
     model.zero_grad()
@@ -243,11 +245,14 @@ def test_one_update_gradient_equals_the_papers_objective(tiny):
         J = J + (surr - beta * kl).sum() / m
     (-(J / n)).backward()
     direct = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    assert len(ours) == len(direct)
-    for g1, g2 in zip(ours, direct):  # padded and batched vs one by one: float32 sums in another order
-        assert torch.allclose(g1, g2, **FLOAT32)
-    # rollout_logprobs in micro-batches of 3 equals one forward of all the samples
-    assert torch.allclose(current[:, :T_] * mb["completion_mask"], logp.detach() * mb["completion_mask"], **FLOAT32)
+    for grads in ours:
+        assert len(grads) == len(direct)
+        for g1, g2 in zip(grads, direct):  # padded and batched vs one by one: float32 sums in another order
+            assert torch.allclose(g1, g2, **FLOAT32)
+    # rollout_logprobs in micro-batches of 3 equals one forward of the samples, in another order
+    T_ = logp.shape[1]
+    assert torch.allclose(current[[2, 0, 3, 1], :T_] * mb["completion_mask"], logp.detach() * mb["completion_mask"],
+                          **FLOAT32)
 
 
 def test_cached_vision_features_give_the_same_logprobs(tiny):
@@ -255,14 +260,12 @@ def test_cached_vision_features_give_the_same_logprobs(tiny):
     model, processor = tiny
     model = model.float().eval()
     ro, _ = toy_rollout(model, processor, 3, 2)
-    rows = torch.tensor([0, 5, 2, 3])
+    rows, rope = torch.tensor([0, 5, 2, 3]), model.model.get_rope_index
     with torch.no_grad():
-        batch, P, _, _ = grpo.micro_batch(ro, rows, 2, processor, "cpu")
-        from_pixels = grpo.token_logprobs(model, batch, P, 1.0)
+        from_pixels, _ = grpo.token_logprobs(model, ro, rows, 2, processor, 1.0, rope, "cpu")
         ro["features"] = plumbing.encode_images(model, ro["pixels"], ro["grids"], batch_size=2)
-        batch, P, _, _ = grpo.micro_batch(ro, rows, 2, processor, "cpu")
-        assert "pixel_values" not in batch and "mm_encoder_outputs" in batch
-        from_cache = grpo.token_logprobs(model, batch, P, 1.0)
+        ro["pixels"] = None  # the forwards must not need them
+        from_cache, _ = grpo.token_logprobs(model, ro, rows, 2, processor, 1.0, rope, "cpu")
     assert torch.allclose(from_pixels, from_cache, **FLOAT32)
 
 
@@ -302,9 +305,10 @@ def test_a_nan_loss_is_skipped_and_counted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(grpo, "policy_loss", nan_on_the_fifth_call)
     out = str(tmp_path / "nan")
-    start = {k: v.clone() for k, v in plumbing.load_model(toy.base_model_path())[0].state_dict().items()}
-    # 16 samples per step, one update of 4 micro-batches: call 5 is the first of step 2
-    grpo.main([*GRPO_SMALL, "--max-steps", "2", "--output-dir", out, "--train-batch-size", "16"])
+    start = {k: v.clone() for k, v in plumbing.load_model(toy.policy_path())[0].state_dict().items()}
+    # 16 samples per step, one update of 4 micro-batches: call 5 is the first of step 2. The toy policy
+    # earns rewards (an untrained model's are all 0, and its first update would not move the weights)
+    grpo.main([*GRPO_SMALL, "--model", "toy", "--max-steps", "2", "--output-dir", out, "--train-batch-size", "16"])
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert [r["skipped_updates"] for r in rows] == [0, 1]
     model, _ = plumbing.load_model(out)
@@ -358,13 +362,13 @@ def test_resume_reproduces_the_next_steps_and_logs_each_once(tmp_path):
 
 def test_two_cpu_ranks_keep_identical_weights(tmp_path):
     out = str(tmp_path / "ddp")
-    # 5 held-out records over 2 ranks: one rank's shard is topped up with a record that counts 0
+    # 9 held-out records over 2 ranks: one rank's shard is topped up with a record that counts 0
     run_two_ranks("grpo.py", *GRPO_SMALL, "--max-steps", "2", "--output-dir", out, "--kinds", "digit,mcq", "--model", "toy",
-                  "--eval-data", "toy", "--eval-limit", "5")
+                  "--eval-data", "toy", "--eval-limit", "9")
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["ranks"] == 2 and summary["weights_in_sync"] is True
     for accuracy in (summary["eval_start"]["all"], summary["eval_end"]["all"]):
-        assert 0 < accuracy and (accuracy * 5) == pytest.approx(round(accuracy * 5))  # k/5, not k/6
+        assert 0 < accuracy and (accuracy * 9) == pytest.approx(round(accuracy * 9))  # k/9, not k/10
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert len(rows) == 2 and rows[0]["frac_zero_std"] <= 1.0
 
