@@ -210,6 +210,7 @@ def token_logprobs(model, ro, rows, G, processor, temperature, rope_index, devic
                            attention_mask=attention_mask)[0]                                       # (3, b, P+T)
     P, own = prompt_ids.shape[1], [int((index == k).nonzero()[0]) for k in range(len(prompts))]
     data.check_image_tokens(prompt_ids, torch.cat(grids), processor.image_token_id)  # never a cut prompt
+
     def images(ps):  # the images of prompts ps: a frozen tower's output encoded once this step, or pixels
         if "features" in ro:
             return dict(mm_encoder_outputs=plumbing.encoder_outputs([f for p in ps for f in ro["features"][p]]))

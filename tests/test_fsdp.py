@@ -69,7 +69,6 @@ GRPO = ["--model", "toy", "--rollout-batch-size", "4", "-G", "4", "--train-batch
         "--eval-limit", "5", "--max-steps", "3", "--save-every", "2", "--quiet"]
 
 
-@pytest.mark.slow
 def test_sft_under_fsdp_matches_ddp(tmp_path):
     fsdp, ddp = str(tmp_path / "fsdp"), str(tmp_path / "ddp")
     two_ranks("sft.py", *SFT, "--output-dir", fsdp, fsdp=True)
@@ -83,7 +82,6 @@ def test_sft_under_fsdp_matches_ddp(tmp_path):
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
-@pytest.mark.slow
 def test_grpo_under_fsdp_matches_ddp_and_resumes(tmp_path):
     """KL reference model, synced_gpus generation (rollouts and the held-out eval), two updates per
     step (the old-policy forward), a mid-run checkpoint; then a resume from it gives the same end."""
