@@ -210,7 +210,6 @@ def gpu_generate(spec):
     """Rollout-sized generate() calls (prompts x G sequences, exactly max_new_tokens each) with bf16
     weights: the dynamic KV cache (as plumbing.generate), then a static cache with a compiled decode step."""
     from transformers import CompileConfig
-    import grpo
     c = GPU_3B
     model, processor = plumbing.load_model(spec["model"], dtype=torch.bfloat16, min_pixels=c["pixels"], max_pixels=c["pixels"])
     model.cuda().eval()

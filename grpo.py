@@ -25,7 +25,6 @@ How this departs from the paper, which does not say (each is a flag; --help has 
      exactly), and no reference model is loaded when beta is 0: the same maths, fewer forwards
 """
 import argparse
-import math
 import os
 from contextlib import nullcontext
 
