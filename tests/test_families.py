@@ -86,14 +86,22 @@ def test_batched_and_cached_logprobs_match_one_at_a_time(family):
     model, processor = plumbing.load_model(path)
     model.eval()
     torch.manual_seed(0)
-    ro = grpo.rollout(model, processor, records(n=3), 2, max_new_tokens=5, temperature=1.0)
+    recs = records(n=3)
+    ro = grpo.rollout(model, processor, recs, 2, max_new_tokens=5, temperature=1.0)
     assert (ro["prompt_mask"] == 0).any()  # prompts of different lengths: the batch is padded
     n, rows, rope, share = len(ro["texts"]), torch.arange(len(ro["texts"])), model.model.get_rope_index, \
         plumbing.can_share_prompts(model)
     assert share == (arch != "qwen3_5")  # Qwen3.5's linear-attention layers keep a running state
-    with torch.no_grad():
-        alone = [grpo.token_logprobs(model, ro, rows[j:j + 1], 2, processor, 1.0, rope, "cpu", share)[0][0]
-                 for j in range(n)]
+    with torch.no_grad():  # alone: one plain forward over (prompt | completion), the model's own positions
+        alone = []
+        for j in range(n):
+            prompt = data.encode_prompts(processor, recs[j // 2:j // 2 + 1])
+            completion = ro["completion_ids"][j, :int(ro["completion_mask"][j].sum())]
+            ids = torch.cat([prompt["input_ids"][0], completion]).unsqueeze(0)
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=prompt["pixel_values"],
+                           image_grid_thw=prompt["image_grid_thw"],
+                           mm_token_type_ids=data.mm_token_types(processor, ids)).logits[0, prompt["input_ids"].shape[1] - 1:-1]
+            alone.append(torch.log_softmax(logits.float(), -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1))
         batched, _ = grpo.token_logprobs(model, ro, rows, 2, processor, 1.0, rope, "cpu", share)
         ro["features"] = plumbing.encode_images(model, ro["pixels"], ro["grids"], batch_size=2)
         cached, _ = grpo.token_logprobs(model, ro, rows, 2, processor, 1.0, rope, "cpu", share)
