@@ -416,10 +416,11 @@ def build_base_model(out_dir, corpus, arch="qwen2_5_vl", seed=0, hidden=128, lay
                    vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     config = getattr(transformers, family["config"])(text_config=text, vision_config=family["vision"](hidden, vision_dim),
                                                       tie_word_embeddings=True, **special)
-    torch.manual_seed(seed)
     import plumbing
     plumbing.quiet_transformers()  # no shard-writing progress bar
-    model = AutoModelForImageTextToText.from_config(config)
+    with torch.random.fork_rng():  # seeded here without touching the caller's stream: a first run (which builds
+        torch.manual_seed(seed)    # the toy) then samples exactly as a run with the toy cached does
+        model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out_dir)
