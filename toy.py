@@ -416,8 +416,7 @@ def build_base_model(out_dir, corpus, arch="qwen2_5_vl", seed=0, hidden=128, lay
                    vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     config = getattr(transformers, family["config"])(text_config=text, vision_config=family["vision"](hidden, vision_dim),
                                                       tie_word_embeddings=True, **special)
-    import plumbing
-    plumbing.quiet_transformers()  # no shard-writing progress bar
+    transformers.utils.logging.disable_progress_bar()  # no shard-writing progress bar
     with torch.random.fork_rng():  # seeded here without touching the caller's stream: a first run (which builds
         torch.manual_seed(seed)    # the toy) then samples exactly as a run with the toy cached does
         model = AutoModelForImageTextToText.from_config(config)

@@ -1,4 +1,4 @@
-"""Building VLAA-Thinking-style data (data.py build) against a real HTTP server on 127.0.0.1 that
+"""Building VLAA-Thinking-style data (build_data.py build) against a real HTTP server on 127.0.0.1 that
 speaks the chat-completions protocol with scripted replies, and ppl-filter on two toy models
 checked against perplexities computed directly.
 
@@ -22,6 +22,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # for `python tests/test_pipeline.py`; under pytest, conftest does this
+import build_data  # noqa: E402
 import data  # noqa: E402
 import plumbing  # noqa: E402
 import toy  # noqa: E402
@@ -205,14 +206,14 @@ def cached_ids(out, step):
 
 def test_words_changed_counts_edits_and_verdicts_are_one_word():
     text = "the caption shows two red squares and one blue circle"
-    assert data.words_changed(text, text.replace("caption", "image")) == 1
-    assert data.words_changed(text, "  the caption shows\n two red squares and one blue circle ") == 0
-    assert data.words_changed(text, text.replace("the caption shows", "we see")) == 3       # 3 words -> 2
-    assert data.words_changed(text, text + " x" * 15) == 15 and data.words_changed(text, text + " x" * 16) == 16
-    assert data.words_changed(text, "the caption shows two squares") == 5                   # 5 deleted
+    assert build_data.words_changed(text, text.replace("caption", "image")) == 1
+    assert build_data.words_changed(text, "  the caption shows\n two red squares and one blue circle ") == 0
+    assert build_data.words_changed(text, text.replace("the caption shows", "we see")) == 3       # 3 words -> 2
+    assert build_data.words_changed(text, text + " x" * 15) == 15 and build_data.words_changed(text, text + " x" * 16) == 16
+    assert build_data.words_changed(text, "the caption shows two squares") == 5                   # 5 deleted
     for said, v in [("Yes", "Yes"), ("Yes.", "Yes"), ("yes", "Yes"), (" yes\n", "Yes"), ("**No**", "No"),
                     ("No", "No"), ("no.", "No"), ("Yes, it matches.", None), ("The answer is correct.", None), ("", None)]:
-        assert data.verdict(said) == v, said
+        assert build_data.verdict(said) == v, said
 
 
 # ---------------------------------------------------------------------------- the whole build
@@ -221,7 +222,7 @@ def test_build_end_to_end_keeps_drops_and_counts_as_scripted(tmp_path, server_fo
     inp, image_root, records = toy_input(tmp_path, 30)
     server, reasoner = server_for(records), server_for(records)  # the reasoning model on a server of its own
     out = tmp_path / "built"
-    data.main(build_args(inp, image_root, out, server.url, "--limit", "25", "--concurrency", "4",
+    build_data.main(build_args(inp, image_root, out, server.url, "--limit", "25", "--concurrency", "4",
                          "--reason-base-url", reasoner.url))
     assert {m for m, _ in server.calls} == {"cap", "rw", "judge"} and {m for m, _ in reasoner.calls} == {"r1"}
     sft = [json.loads(line) for line in open(out / "sft.jsonl")]
@@ -243,7 +244,7 @@ def test_build_end_to_end_keeps_drops_and_counts_as_scripted(tmp_path, server_fo
     # what the models were asked: the image, then the caption + extras + question, never the image again
     r0, digit = records[16], next(r for r in records[16:25] if r["verifier_type"] == "digit")
     assert "Scene description:" in reasoner.texts["r1", digit["id"]]     # a record's extras go along
-    assert data.CAPTION_PROMPT in server.texts["cap", r0["id"]] and r0["question"] in reasoner.texts["r1", r0["id"]]
+    assert build_data.CAPTION_PROMPT in server.texts["cap", r0["id"]] and r0["question"] in reasoner.texts["r1", r0["id"]]
     assert f"A grey image ({r0['id']})" in reasoner.texts["r1", r0["id"]]
     # the output: the rewritten reasoning and answer, in the schema sft.py / grpo.py load
     row = next(r for r in sft if r["id"] == r0["id"])
@@ -258,7 +259,7 @@ def test_build_end_to_end_keeps_drops_and_counts_as_scripted(tmp_path, server_fo
 
     # a rerun asks nothing and writes the same bytes
     calls, first = server.calls + reasoner.calls, outputs(out)
-    data.main(build_args(inp, image_root, out, server.url, "--limit", "25", "--reason-base-url", reasoner.url))
+    build_data.main(build_args(inp, image_root, out, server.url, "--limit", "25", "--reason-base-url", reasoner.url))
     assert server.calls + reasoner.calls == calls and outputs(out) == first
     assert json.load(open(out / "stats.json"))["run"]["calls"] == 0
 
@@ -274,7 +275,7 @@ def test_retries_timeouts_errors_and_malformed_replies(tmp_path, server_for):
                      ("rw", ids[20]): ["garbage"]}                # 200 with a body that is not JSON
     out = tmp_path / "built"
     args = build_args(inp, image_root, out, server.url, "--timeout", "1.5", "--max-retries", "2", "--concurrency", "8")
-    data.main(args)
+    build_data.main(args)
     stats = json.load(open(out / "stats.json"))
     assert server.calls["cap", ids[16]] == 3 and server.calls["r1", ids[17]] == 2 and server.calls["judge", ids[18]] == 3
     assert stats["dropped"]["verify"]["API error (InternalServerError)"]["all"] == 1
@@ -284,7 +285,7 @@ def test_retries_timeouts_errors_and_malformed_replies(tmp_path, server_for):
     assert ids[18] not in cached_ids(out, "verify") and ids[19] not in cached_ids(out, "rewrite")  # errors are not cached
 
     calls = server.calls.copy()
-    data.main(args)  # the server has recovered: only the failed calls are made again
+    build_data.main(args)  # the server has recovered: only the failed calls are made again
     assert server.calls - calls == Counter({("judge", ids[18]): 1, ("rw", ids[19]): 1, ("judge", ids[19]): 1,
                                             ("rw", ids[20]): 1, ("judge", ids[20]): 1})
     sft_ids = [json.loads(line)["id"] for line in open(out / "sft.jsonl")]
@@ -293,21 +294,21 @@ def test_retries_timeouts_errors_and_malformed_replies(tmp_path, server_for):
     wrong_model = build_args(inp, image_root, tmp_path / "b2", server.url)
     wrong_model[wrong_model.index("cap")] = "nope"
     with pytest.raises(SystemExit, match="'nope'.*404"):   # a wrong model name stops the build at once
-        data.main(wrong_model)
+        build_data.main(wrong_model)
     with pytest.raises(SystemExit, match="every call to 'cap' failed"):  # nothing listening there
-        data.main(build_args(inp, image_root, tmp_path / "b3", "http://127.0.0.1:9/v1", "--max-retries", "0"))
+        build_data.main(build_args(inp, image_root, tmp_path / "b3", "http://127.0.0.1:9/v1", "--max-retries", "0"))
 
 
 def test_a_killed_build_resumes_without_repeating_a_finished_call(tmp_path, server_for):
     inp, image_root, records = toy_input(tmp_path, 20)
     server = server_for(records)
-    data.main(build_args(inp, image_root, tmp_path / "reference", server.url))
+    build_data.main(build_args(inp, image_root, tmp_path / "reference", server.url))
     reference = outputs(tmp_path / "reference")
 
     server.calls.clear()
     server.hold = ("r1", 6)  # the 7th reasoning request and later ones hang: the build is stuck mid-step
     out = tmp_path / "built"
-    proc = subprocess.Popen([sys.executable, "data.py", *build_args(inp, image_root, out, server.url, "--concurrency", "2")],
+    proc = subprocess.Popen([sys.executable, "build_data.py", *build_args(inp, image_root, out, server.url, "--concurrency", "2")],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60  # until 6 replies are cached and the next 2 requests hang
     while time.time() < deadline and (sum(n for (m, _), n in server.calls.items() if m == "r1") < 8 or
@@ -322,7 +323,7 @@ def test_a_killed_build_resumes_without_repeating_a_finished_call(tmp_path, serv
     with open(out / "cache" / "reason.jsonl", "a") as f:
         f.write('{"id": "' + records[-1]["id"] + '", "key": "0123')   # and a line cut short by the kill
 
-    data.main(build_args(inp, image_root, out, server.url))
+    build_data.main(build_args(inp, image_root, out, server.url))
     assert outputs(out) == reference
     for model, ids in finished.items():
         assert all(server.calls[model, rid] == 1 for rid in ids), model
@@ -330,7 +331,7 @@ def test_a_killed_build_resumes_without_repeating_a_finished_call(tmp_path, serv
     assert len(in_flight) == 2  # only the two requests in flight at the kill were asked twice
     assert all(server.calls[m, r["id"]] <= 1 for m in ("rw", "judge") for r in records)
     calls = server.calls.copy()
-    data.main(build_args(inp, image_root, out, server.url))  # the cache after the cut line reads back whole
+    build_data.main(build_args(inp, image_root, out, server.url))  # the cache after the cut line reads back whole
     assert server.calls == calls and outputs(out) == reference
 
 
@@ -343,17 +344,17 @@ def test_bad_input_records_stop_or_are_counted(tmp_path, server_for, monkeypatch
     path.write_text("".join(json.dumps(r) + "\n" for r in [raw[0], *bad]))
     server = server_for(records)
     with pytest.raises(ValueError, match=re.escape(f"{path}: record {raw[0]['id']}: duplicate id")):
-        data.main(build_args(str(path), image_root, tmp_path / "out", server.url))
-    data.main(build_args(str(path), image_root, tmp_path / "out", server.url, "--skip-bad"))
+        build_data.main(build_args(str(path), image_root, tmp_path / "out", server.url))
+    build_data.main(build_args(str(path), image_root, tmp_path / "out", server.url, "--skip-bad"))
     stats = json.load(open(tmp_path / "out" / "stats.json"))
     assert {why: c["all"] for why, c in stats["dropped"]["input"].items()} == {
         "bad record: duplicate id": 1, "bad record: missing 'id'": 1,
         "bad record: 'extras' must be a dict of label -> text": 1,
         "bad record: no verifier for source 'mystery' (and no verifier_type)": 1}
     assert stats["kept"]["input"]["all"] == 1
-    monkeypatch.setitem(sys.modules, "openai", None)  # data.py imports without it; build says what is missing
+    monkeypatch.setitem(sys.modules, "openai", None)  # build_data.py imports without it; build says what is missing
     with pytest.raises(SystemExit, match="pip install openai"):
-        data.main(build_args(inp, image_root, tmp_path / "o2", server.url))
+        build_data.main(build_args(inp, image_root, tmp_path / "o2", server.url))
 
 
 # ---------------------------------------------------------------------------- perplexity subsets
@@ -383,7 +384,7 @@ def test_ppl_filter_keeps_the_highest_mean_perplexity_on_two_ranks_and_resumes(t
     models, top, out = [toy.base_model_path(), toy.policy_path()], 5, tmp_path / "top.jsonl"
     args = ["ppl-filter", "--data", str(sft), "--image-root", image_root, "--models", *models,
             "--top", str(top), "--out", str(out), "--batch-size", "3"]
-    run_two_ranks("data.py", *args)
+    run_two_ranks("build_data.py", *args)
 
     records = data.load_records(str(sft), image_root, need_answer=True)
     per_model = [direct_perplexity(m, records) for m in models]
@@ -403,8 +404,8 @@ def test_ppl_filter_keeps_the_highest_mean_perplexity_on_two_ranks_and_resumes(t
     text = open(cache / files[0]).read()
     open(cache / files[0], "w").write(text[:-10])
     os.remove(out)
-    data.main(args)
-    rows_per_model = [len(data.read_cache([str(cache / f) for f in os.listdir(cache) if f.split(".rank")[0] == model]))
+    build_data.main(args)
+    rows_per_model = [len(build_data.read_cache([str(cache / f) for f in os.listdir(cache) if f.split(".rank")[0] == model]))
                       for model in (files[0].split(".rank")[0], files[3].split(".rank")[0])]
     assert rows_per_model == [16, 16]  # each missing score computed once, none twice
     assert [json.loads(line)["id"] for line in open(out)] == [r["id"] for r in kept]
@@ -420,7 +421,7 @@ if __name__ == "__main__":
     inp, image_root, records = toy_input(tmp, n)
     server = ChatServer(records)  # in this process; the build runs in its own, as it would for real
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    subprocess.run([sys.executable, "data.py", *build_args(inp, image_root, tmp / "built", server.url, "--concurrency", "16")],
+    subprocess.run([sys.executable, "build_data.py", *build_args(inp, image_root, tmp / "built", server.url, "--concurrency", "16")],
                    cwd=ROOT, check=True)
     run = json.load(open(tmp / "built" / "stats.json"))["run"]
     print(f"{n} records, {run['calls']} calls at --concurrency 16 in {run['seconds']} s: {run['records_per_s']} records/s")
