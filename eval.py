@@ -235,6 +235,11 @@ def plot_runs(run_dirs, out_path):
     return out_path
 
 
+def logged_texts(row):
+    """The completions of a rollouts.jsonl row: a whole group's, or one (the older format)."""
+    return [c["text"] for c in row["completions"]] if "completions" in row else [row["response"]]
+
+
 def rollout_aha(run_dir, bins=10):
     """Aha phrases in a GRPO run's logged rollouts, per bin of steps, with the mean response length
     (tokens, over all samples) from its metrics.jsonl. Returns a Markdown table."""
@@ -247,7 +252,7 @@ def rollout_aha(run_dir, bins=10):
     rows, width = [], math.ceil(len(steps) / bins)
     for i in range(0, len(steps), width):
         span = steps[i:i + width]
-        aha = aha_counts([r["response"] for r in rollouts if span[0] <= r["step"] <= span[-1]])
+        aha = aha_counts([text for r in rollouts if span[0] <= r["step"] <= span[-1] for text in logged_texts(r)])
         length = [lengths[s] for s in span if s in lengths]
         rows.append([f"{span[0]}-{span[-1]}", f"{sum(length) / len(length):.1f}" if length else "-", aha["responses"],
                      aha["with_aha"]] + [aha[p] for p in AHA_PHRASES])
