@@ -239,7 +239,8 @@ def read_reply(reply):
 
 def reply_problem(reply):
     """Why a reply cannot be used, or None. Not in the paper: a refused, cut or empty reply is
-    dropped (a cut reasoning has no final answer), and so is a call that failed for good."""
+    dropped (a cut reasoning has no final answer; a fence around nothing is empty), and so is a
+    call that failed for good."""
     if "error" in reply:
         return reply["error"]
     if reply.get("refusal") or reply.get("finish_reason") == "content_filter":

@@ -41,7 +41,8 @@ AHA_AGAIN_INSIDE_A_WORD = 15  # "against" holds "again": the paper's substring r
 CAPTION_FENCED, CAPTION_PREFACED, THINK_FENCED, REWRITE_FENCED = 16, 17, 18, 19
 REWRITE_PREFACED, REWRITE_TRAILING, JUDGE_YES_BOLD, JUDGE_AMBIGUOUS = 20, 21, 22, 23
 # The rewriter's remark at REWRITE_TRAILING is 17 words: the word rule must compare the span alone.
-REMARK = "I replaced the two references to the caption and the description with the image, changing nothing else."
+REMARK = ("I replaced the two references to the caption and the description with the image, "
+          "changing nothing else.")
 
 
 def index(rid):
@@ -235,16 +236,19 @@ VERDICTS = [  # what a judge said -> (verdict, forms repaired), or None: dropped
     ("Yes", ("Yes", ())), ("Yes.", ("Yes", ())), ("yes", ("Yes", ())), (" yes\n", ("Yes", ())),
     ("No", ("No", ())), ("no.", ("No", ())), ("NO!", ("No", ())),
     ("**No**", ("No", (MARKUP,))), ("'Yes'", ("Yes", (MARKUP,))), ("`yes`", ("Yes", (MARKUP,))),
-    ("**Yes.**", ("Yes", (MARKUP,))), ("_No_", ("No", (MARKUP,))), ("\u201cYes\u201d", ("Yes", (MARKUP,))),
-    ("Yes. The answer matches.", ("Yes", (EXPLAINED,))), ("Yes, the answer is correct", ("Yes", (EXPLAINED,))),
-    ("Yes, it matches.", ("Yes", (EXPLAINED,))), ("No\nThe count differs.", ("No", (EXPLAINED,))),
-    ("Yes: both say 4.", ("Yes", (EXPLAINED,))), ("No (it says 5)", ("No", (EXPLAINED,))),
+    ("**Yes.**", ("Yes", (MARKUP,))), ("_No_", ("No", (MARKUP,))),
+    ("\u201cYes\u201d", ("Yes", (MARKUP,))),
+    ("Yes. The answer matches.", ("Yes", (EXPLAINED,))),
+    ("Yes, the answer is correct", ("Yes", (EXPLAINED,))),
+    ("Yes, it matches.", ("Yes", (EXPLAINED,))),
+    ("No\nThe count differs.", ("No", (EXPLAINED,))), ("Yes: both say 4.", ("Yes", (EXPLAINED,))),
+    ("No (it says 5)", ("No", (EXPLAINED,))),
     ("**No** - the count differs", ("No", (EXPLAINED, MARKUP))),
     ("**Yes**, both are 4.", ("Yes", (EXPLAINED, MARKUP))),
     ("Yes and no", None), ("Yes/No", None), ("Yes?", None), ("Yes, but the units differ.", None),
-    ("No - wait, yes.", None), ("Yes. No.", None), ("Yes or no: yes", None), ("The answer is wrong.", None),
-    ("The answer is correct.", None), ("I cannot tell.", None), ("", None), ("Yesterday's answer", None),
-    ("Noted.", None), ("Verdict: Yes", None),
+    ("No - wait, yes.", None), ("Yes. No.", None), ("Yes or no: yes", None),
+    ("The answer is wrong.", None), ("The answer is correct.", None), ("I cannot tell.", None),
+    ("", None), ("Yesterday's answer", None), ("Noted.", None), ("Verdict: Yes", None),
 ]
 
 
@@ -259,32 +263,37 @@ UNWRAPPED = [  # a caption, or the content of any reply -> (what the step reads,
     (f"```\n{CAPTION}\n```", (CAPTION, ("code fence",))),
     (f"```markdown\n{CAPTION}\n```\n", (CAPTION, ("code fence",))),
     (f"Here is a detailed description:\n{CAPTION}", (CAPTION, ("preface",))),
-    (f"Sure! Here's a detailed description of the image:\n\n```\n{CAPTION}\n```", (CAPTION, ("preface", "code fence"))),
+    (f"Sure! Here's a detailed description of the image:\n\n```\n{CAPTION}\n```",
+     (CAPTION, ("preface", "code fence"))),
     ("Certainly:\nYes", ("Yes", ("preface",))),
-    ("```\n```", ("", ("code fence",))),                                           # then an empty reply
-    ("Here is a detailed description:\n", ("Here is a detailed description:", ())),  # nothing after it
-    ("A table with two columns:\n| a | b |", ("A table with two columns:\n| a | b |", ())),  # content
-    ("Here is a bar chart with three bars:\n- red: 4", ("Here is a bar chart with three bars:\n- red: 4", ())),
-    ("The screenshot shows code:\n```python\nx = 1\n```", ("The screenshot shows code:\n```python\nx = 1\n```", ())),
-    ("```python\nx = 1\n```\nand below it:\n```\ny\n```", ("```python\nx = 1\n```\nand below it:\n```\ny\n```", ())),
+    ("```\n```", ("", ("code fence",))),  # then an empty reply
+]
+AS_IS = [  # replies unwrap leaves as they are
+    "Here is a detailed description:\n",                 # nothing after the preface
+    "A table with two columns:\n| a | b |",              # a caption's own first line
+    "Here is a bar chart with three bars:\n- red: 4",    # pointing at the image, not at the reply
+    "The screenshot shows code:\n```python\nx = 1\n```",  # a fence that is part of the caption
+    "```python\nx = 1\n```\nand below it:\n```\ny\n```",  # two fenced blocks, not one around it all
 ]
 
 
-@pytest.mark.parametrize("reply, expected", UNWRAPPED)
+@pytest.mark.parametrize("reply, expected", UNWRAPPED + [(t, (t.strip(), ())) for t in AS_IS])
 def test_unwrap_takes_off_a_preface_line_and_a_fence_around_the_whole_only(reply, expected):
     assert build_data.unwrap(reply) == expected
 
 
 SPAN = "<reasoning>\nThe image shows 3.\n</reasoning>\n<answer>\nThe answer is 3.\n</answer>"
+LOST = "rewrite lost the <reasoning>/<answer> tags"
+REPEATED = "rewrite repeats the <reasoning>/<answer> tags"
 TAGGED = [  # a rewrite reply -> the forms around its span, or why it has none
     (SPAN, ()), (f"```xml\n{SPAN}\n```", ("code fence",)), (f"```\n{SPAN}\n```", ("code fence",)),
     (f"Sure, here is the edited text:\n\n{SPAN}", ("preface",)),
     (f"{SPAN}\n\nI replaced two references to the caption.", ("trailing text",)),
-    (f"Edited:\n```\n{SPAN}\n```\nLet me know if you need more.", ("code fence", "preface", "trailing text")),
-    (f"```\n{SPAN}", ("preface",)),                                  # a fence never closed is text before it
-    (SPAN.replace("<answer>", "").replace("</answer>", ""), "rewrite lost the <reasoning>/<answer> tags"),
-    ("The image shows 3. The answer is 3.", "rewrite lost the <reasoning>/<answer> tags"),
-    (f"Original:\n{SPAN}\nEdited:\n{SPAN}", "rewrite repeats the <reasoning>/<answer> tags"),
+    (f"Edited:\n```\n{SPAN}\n```\nLet me know.", ("code fence", "preface", "trailing text")),
+    (f"```\n{SPAN}", ("preface",)),  # a fence never closed is text before the span
+    (SPAN.replace("<answer>", "").replace("</answer>", ""), LOST),
+    ("The image shows 3. The answer is 3.", LOST),
+    (f"Original:\n{SPAN}\nEdited:\n{SPAN}", REPEATED),
 ]
 
 
@@ -300,7 +309,7 @@ def test_tagged_span_is_read_wherever_it_is_and_alone(reply, expected):
 THINK = [  # a reasoning model's reply -> (reasoning, content, forms repaired)
     ({"reasoning": "r", "content": "a"}, ("r", "a", ())),
     ({"content": "<think>\nr\n</think>\n\na"}, ("r", "a", ())),
-    ({"content": "r\n</think>\na"}, ("r", "a", ())),                   # <think> was in the prompt
+    ({"content": "r\n</think>\na"}, ("r", "a", ())),  # <think> was in the prompt
     ({"content": "```\n<think>\nr\n</think>\n```\n\na"}, ("r", "a", ("code fence",))),
     ({"content": "```xml\n<think>\nr\n</think>\n\na\n```"}, ("r", "a", ("code fence",))),
     ({"content": "a"}, ("", "a", ())),
@@ -336,13 +345,16 @@ def test_build_end_to_end_keeps_drops_and_counts_as_scripted(tmp_path, server_fo
                        "rewrite": {"rewrite changed more than 15 words": 1, "rewrite lost the <reasoning>/<answer> tags": 1},
                        "verify": {"judged wrong": 2, "no clear Yes or No first": 1}}
     assert {index(r["id"]) for r in rl} == {AHA_IN_REASONING, AHA_IN_ANSWER, AHA_AGAIN_INSIDE_A_WORD}
-    assert {index(r["id"]) for r in sft} == {EDITS_15, JUDGE_EXPLAINS, JUDGE_YES_DOT, JUDGE_YES_LOWER, JUDGE_YES_SPACED,
-                                             *range(CAPTION_FENCED, JUDGE_AMBIGUOUS), 24}
-    repaired = {step: {form: c["all"] for form, c in forms.items()} for step, forms in stats["repaired"].items()}
+    habits = range(CAPTION_FENCED, JUDGE_AMBIGUOUS)  # each read past, and the record kept
+    plain = {EDITS_15, JUDGE_EXPLAINS, JUDGE_YES_DOT, JUDGE_YES_LOWER, JUDGE_YES_SPACED, 24}
+    assert {index(r["id"]) for r in sft} == {*plain, *habits}
+    repaired = {step: {form: c["all"] for form, c in forms.items()}
+                for step, forms in stats["repaired"].items()}
     assert repaired == {"caption": {"code fence": 1, "preface": 1}, "reason": {"code fence": 1},
                         "rewrite": {"code fence": 1, "preface": 1, "trailing text": 1},
                         "verify": {"verdict with explanation": 1, "verdict with markup": 1}}
-    assert sum(c for k, c in stats["repaired"]["verify"]["verdict with markup"].items() if k != "all") == 1
+    by_source = stats["repaired"]["verify"]["verdict with markup"]
+    assert sum(c for k, c in by_source.items() if k != "all") == 1  # per source, as kept is
     kept = {stage: c["all"] for stage, c in stats["kept"].items()}
     assert kept == {"input": 25, "caption": 22, "reason": 21, "rewrite": 19, "verify": 16, "sft": 13, "rl": 3}
     assert sum(c for k, c in stats["kept"]["input"].items() if k != "all") == 25  # per source, Table 1 style
@@ -361,13 +373,13 @@ def test_build_end_to_end_keeps_drops_and_counts_as_scripted(tmp_path, server_fo
     # a reply read past its habits gives what a plain reply gives: the caption the reasoning model
     # sees, the reasoning and the answer
     for i in (CAPTION_FENCED, CAPTION_PREFACED):
-        rid = records[i]["id"]
-        assert f"What you see:\nA grey image ({rid}) with {len(records[i]['meta']['objects'])} objects.\n\n" \
-            in reasoner.texts["r1", rid]
+        rid, objects = records[i]["id"], len(records[i]["meta"]["objects"])
+        caption = f"A grey image ({rid}) with {objects} objects."
+        assert f"What you see:\n{caption}\n\n" in reasoner.texts["r1", rid]
     for i in (THINK_FENCED, REWRITE_FENCED, REWRITE_PREFACED, REWRITE_TRAILING):
-        rid = records[i]["id"]
-        assert next(r for r in sft if r["id"] == rid)["answer"] == row["answer"].replace(r0["id"], rid).replace(
-            f"the answer is {gt_text(r0['gt'])}.", f"the answer is {gt_text(records[i]['gt'])}."), i
+        rid, gt = records[i]["id"], gt_text(records[i]["gt"])
+        same = row["answer"].replace(r0["id"], rid).replace(f"is {gt_text(r0['gt'])}.", f"is {gt}.")
+        assert next(r for r in sft if r["id"] == rid)["answer"] == same, i
     assert all(data.rewards.is_well_formed(r["answer"]) for r in sft + rl)
     assert all(not data.has_aha(r["answer"]) for r in sft) and all(data.has_aha(r["answer"]) for r in rl)
     loaded = data.load_records(str(out / "sft.jsonl"), image_root, need_answer=True)  # as sft.py does
