@@ -118,7 +118,7 @@ PREFACE = re.compile(r"[ \t]*(?:(?:sure|certainly|of course|okay|ok|absolutely)\
                      r"\b(?:description|caption|text|version|answer|reasoning|verdict)s?\b)"
                      r"[^\n]*:[ \t]*\n", re.IGNORECASE)
 FENCED = re.compile(r"\s*```[\w+.-]*[ \t]*\n(.*?)\n?[ \t]*```\s*", re.DOTALL)  # ``` or ```xml, etc.
-HEDGES = ("yes", "no", "but", "and", "or", "wait", "maybe", "partly", "partially")
+HEDGES = ("yes", "no", "but", "and", "or", "wait", "maybe", "partly", "partially")  # see verdict
 
 
 def unwrap(text):
