@@ -86,6 +86,62 @@ def stage_args(doc, output_dir, data_help, preset):
     return p
 
 
+def grpo_flags(p, preset):
+    """grpo.py's flags, after stage_args': the algorithm, the memory knobs, the held-out evaluation
+    and the logs. `preset(key)` says a default's values (grpo.PAPER and grpo.TOY)."""
+    a = p.add_argument
+    a("--reward-model", help="open-ended scorer: a VLM judge, internlm/internlm-xcomposer2d5-"
+                             "7b-reward, or a sequence classifier")
+    a("--reward-beta", type=float, default=rewards.OPEN_BETA,
+      help="beta of the open-ended reward (not in the paper)")
+    # the algorithm
+    a("--num-generations", "-G", type=int, help="G, samples per prompt" + preset("num_generations"))
+    a("--temperature", type=float, help="sampling temperature" + preset("temperature"))
+    a("--max-new-tokens", type=int,
+      help="completion cap (not in the paper)" + preset("max_new_tokens"))
+    a("--rollout-batch-size", type=int,
+      help="prompts per step, global" + preset("rollout_batch_size"))
+    a("--train-batch-size", type=int,
+      help="samples per optimizer update, global" + preset("train_batch_size"))
+    a("--epochs", type=int, default=1, help="passes over each rollout's samples (paper: 1)")
+    a("--max-steps", type=int,
+      help="rollout steps (real: one pass over the data, as the paper)" + preset("max_steps"))
+    a("--lr", type=float, help="peak LR (not in the paper)" + preset("lr"))
+    a("--min-lr", type=float, help="cosine floor" + preset("min_lr"))
+    a("--warmup-ratio", type=float, default=0.03, help="linear warmup share (paper: 0.03)")
+    a("--clip-eps", type=float, default=0.2,
+      help="eps of (4) (not in the paper; OpenRLHF's 0.2)")
+    a("--clip-eps-high", type=float, help="upper clip, DAPO's clip-higher (default: --clip-eps)")
+    a("--kl-coef", type=float, help="initial beta of (4); 0 loads no reference" + preset("kl_coef"))
+    a("--kl-target", type=float,
+      help="target of the adaptive KL (5); none: a fixed beta" + preset("kl_target"))
+    a("--kl-horizon", type=int, default=10000, help="horizon of (5) in samples (OpenRLHF's)")
+    a("--loss-agg", default="seq", choices=["seq", "token", "dr_grpo"],
+      help="seq: the paper's 1/|o_i| per sequence, then mean; token: DAPO; dr_grpo: "
+           "sum / (n x max_new_tokens)")
+    a("--adv-std", default="unbiased", choices=["unbiased", "none"],
+      help="none: Dr. GRPO's unscaled advantages")
+    a("--dynamic-sampling", action="store_true",
+      help="DAPO: groups whose rewards are all equal (no signal) give way to groups of new "
+           "prompts, up to --max-sampling-rounds more rounds (not in the paper)")
+    a("--max-sampling-rounds", type=int, default=3,
+      help="extra rounds of --rollout-batch-size prompts per step at most")
+    a("--freeze-vision", action=argparse.BooleanOptionalAction,
+      help="(not in the paper)" + preset("freeze_vision"))
+    # memory and speed knobs: no effect on the maths
+    a("--micro-batch-size", type=int,
+      help="samples per forward on a rank (None: all)" + preset("micro_batch_size"))
+    a("--gen-batch-size", type=int, default=64, help="prompts per generate() call on a rank")
+    # held-out evaluation, logs
+    a("--eval-data", help="held-out records scored at the start and the end ('toy': its test "
+                          "split)" + preset("eval_data"))
+    a("--eval-limit", type=int, help="evaluate only the first N held-out records")
+    a("--eval-max-new-tokens", type=int,
+      help="held-out answer cap, as eval.py's" + preset("eval_max_new_tokens"))
+    a("--log-groups", type=int, default=2,
+      help="groups per step written whole to rollouts.jsonl (0: none)")
+
+
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",)}
 
 
@@ -161,6 +217,7 @@ class Setup:
     updates: int               # optimizer updates per rollout step
     synced_gpus: bool          # FSDP/ZeRO-3: every rank generates until all ranks are done
     max_prompt: int            # prompt tokens that fit beside the completion
+    cache_vision: bool         # a frozen tower's features, encoded once a step for every forward
     reference: torch.nn.Module = None  # the frozen start policy, only with the KL term
     scorer: object = None              # the open-ended reward model, only for open records
 
@@ -193,11 +250,14 @@ def setup_grpo(args):
     model, processor, optimizer, params, path = load_policy(args, acc, args.freeze_vision)
     policy = acc.unwrap_model(model)
     text_config = getattr(policy.config, "text_config", policy.config)
+    sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED)
     s = Setup(args, acc, records, eval_records, model, policy, processor, optimizer, params,
               micro=micro, total_steps=args.max_steps or len(records) // args.rollout_batch_size,
               updates=args.epochs * samples // args.train_batch_size,
-              synced_gpus=acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED),
-              max_prompt=text_config.max_position_embeddings - args.max_new_tokens)
+              synced_gpus=acc.distributed_type in sharded,
+              max_prompt=text_config.max_position_embeddings - args.max_new_tokens,
+              # not under FSDP/ZeRO-3: a tower run outside the forward would miss its shards
+              cache_vision=args.freeze_vision and acc.distributed_type not in sharded)
     if args.kl_coef > 0 or args.kl_target is not None:
         s.reference = load_reference(path, acc, args.trust_remote_code)
     if any(r["kind"] == "open" for r in records):
@@ -327,6 +387,17 @@ def encoder_outputs(features):
     return {"image": BaseModelOutputWithDeepstackFeatures(pooler_output=pooled, deepstack_features=deep or None)}
 
 
+def image_inputs(ro, prompts):
+    """Model inputs for the images of the prompts `prompts` (indices into a grpo.Rollout,
+    repeats allowed): a frozen tower's features when encoded this step, else the pixels."""
+    inputs = dict(image_grid_thw=torch.cat([ro.grids[p] for p in prompts]))
+    if ro.features is None:
+        inputs["pixel_values"] = torch.cat([ro.pixels[p] for p in prompts])
+    else:
+        inputs["mm_encoder_outputs"] = encoder_outputs([f for p in prompts for f in ro.features[p]])
+    return inputs
+
+
 def shared_prompt_logprobs(model, ro, rows, temperature):
     """grpo.token_logprobs of the rows `rows` of a grpo.Rollout `ro`, faster (not in the paper:
     the same numbers, tested equal to float32 tolerance). A short-answer VLM sample is mostly prompt, the same for all G samples of a
@@ -352,7 +423,7 @@ def shared_prompt_logprobs(model, ro, rows, temperature):
     firsts = [int((index == k).nonzero()[0]) for k in range(len(prompts))]  # a row per prompt
     head = model(input_ids=prompt_ids, attention_mask=prompt_mask,
                  mm_token_type_ids=types[firsts, :P], position_ids=positions[:, firsts, :P],
-                 **ro.images(prompts.tolist()), use_cache=True,
+                 **image_inputs(ro, prompts.tolist()), use_cache=True,
                  logits_to_keep=1)                                        # (p, 1, V): o_0
     head.cache.batch_select_indices(index.to(head.logits.device))         # each row's prompt
     tail = model(input_ids=completion_ids, attention_mask=attention_mask,
@@ -403,6 +474,14 @@ def accuracy_by_kind(rows, records):
     for r, s in zip(recs, scores):
         by_kind.setdefault(r["kind"], []).append(s)
     return {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
+
+
+def by_kind(accuracy, n=None):
+    """'all 0.269 (670 records), digit 0.300, math 0.246': held-out accuracy per kind, in words."""
+    words = [f"{kind} {value:.3f}" for kind, value in accuracy.items()]
+    if n is not None:
+        words[0] += f" ({n} records)"
+    return ", ".join(words)
 
 
 def heldout_accuracy(s):
@@ -496,11 +575,12 @@ def log_row(file, row, accelerator=None):
     if accelerator is not None and accelerator.trackers:
         accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
-def rollout_metrics(accelerator, ro, kinds, G):
+def rollout_metrics(accelerator, ro):
     """Means over every rank's samples: reward (and its std, and per verifier kind), the
     fractions well-formed, cut at the token cap, and in groups with no signal, the mean
     completion length. A reward stuck at 0 is read here: truncation, format, or one verifier."""
-    r, n = ro.rewards.double().cpu(), len(ro.rewards)
+    r, n, G = ro.rewards.double().cpu(), len(ro.rewards), ro.G
+    kinds = [record["kind"] for record in ro.records for _ in range(G)]
     sums = {"n": n, "reward": r.sum(), "reward_sq": (r * r).sum(), "truncated": ro.truncated.sum(),
             "well_formed": sum(map(rewards.is_well_formed, ro.texts)),
             "length": ro.completion_mask.sum(),
@@ -557,6 +637,15 @@ def clip_and_step(accelerator, optimizer, params, max_norm=1.0):
     return float(grad_norm), applied
 
 
+def set_lr(optimizer, step, total, args):
+    """Sets and returns the LR of `step` of `total`: cosine_lr with the run's --lr, --min-lr
+    and --warmup-ratio."""
+    lr = cosine_lr(step, total, args.warmup_ratio, args.lr, args.min_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def cosine_lr(step, total, warmup_ratio, peak, floor):
     """Linear warmup over warmup_ratio*total steps, then cosine from peak down to floor."""
     warmup = max(1, math.ceil(warmup_ratio * total))
@@ -584,6 +673,7 @@ class Run:
 
     def __init__(self, args, accelerator, name, total_steps, logs, shown, **state):
         self.args, self.accelerator, self.total_steps = args, accelerator, total_steps
+        self.name = name
         self.shown = shown  # metrics shown beside the progress bar
         self.state = dict(step=0, **state)
         if args.resume:
@@ -620,27 +710,49 @@ class Run:
                                    step, state)
             self.say(f"saved {path}")
 
-    def finish(self, model, key, **summary):
-        """Closes the logs and writes summary.json: the mean of the metric `key` over the first
-        and the last 10% of steps, the number of ranks and whether they ended with the same
-        weights, and `summary`. Returns the summary (every rank)."""
+    def finish(self, model, key, label, **summary):
+        """Closes the logs and writes summary.json: the mean of the metric `key` (and of each
+        verifier kind's reward, where logged) over the first and the last 10% of steps, the
+        run's `state`, `summary`, the number of ranks and whether they ended with the same
+        weights; says the main figures. Returns the summary (every rank)."""
         self.bar.close()
         in_sync = len(set(weights_fingerprint(self.accelerator, model))) == 1
         for log in self.logs.values():
             if log is not None:
                 log.close()
-        run_dir = self.args.output_dir
         rows = []
         if self.accelerator.is_main_process:
-            rows = data.read_rows(os.path.join(run_dir, "metrics.jsonl"))
+            rows = data.read_rows(os.path.join(self.args.output_dir, "metrics.jsonl"))
         k = max(1, len(rows) // 10)
-        first, last = [sum(r[key] for r in rs) / max(1, len(rs)) for rs in (rows[:k], rows[-k:])]
+        first, last = (mean_of(rs, key) for rs in (rows[:k], rows[-k:]))
+        kinds = sorted({name for r in rows for name in r if name.startswith("reward/")})
+        by_kind = {name[7:]: [mean_of(rows[:k], name), mean_of(rows[-k:], name)] for name in kinds}
+        state = {name: value for name, value in self.state.items() if name != "step"}
         summary = {f"{key}_first_10pct": first, f"{key}_last_10pct": last, "steps": len(rows),
+                   **({"reward_by_kind_first_last_10pct": by_kind} if by_kind else {}), **state,
                    **summary, "ranks": self.accelerator.num_processes, "weights_in_sync": in_sync}
         if self.accelerator.is_main_process:
-            with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            with open(os.path.join(self.args.output_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1)
+        self.say(f"{self.name}: {label} {first:.3f} (first 10% of steps) -> {last:.3f} (last 10%)")
+        if by_kind:
+            self.say("training reward by kind: " + ", ".join(
+                f"{kind} {number(a)} -> {number(b)}" for kind, (a, b) in by_kind.items()))
+        if summary.get("eval_end") and summary.get("eval_start"):
+            self.say("held-out greedy accuracy: " + ", ".join(
+                f"{kind} {summary['eval_start'][kind]:.3f} -> {v:.3f}"
+                for kind, v in summary["eval_end"].items()))
         return summary
+
+
+def number(x):
+    return "-" if x is None else f"{x:.3f}"
+
+
+def mean_of(rows, key):
+    """The mean of `key` over the rows that have it (None if none do)."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 class PhaseClock:

@@ -15,7 +15,7 @@ import plumbing
 import rewards
 import sft
 import toy
-from conftest import FLOAT32, read_jsonl, rollout_args
+from conftest import FLOAT32, read_jsonl, rollout_setup
 
 FAMILIES = list(toy.FAMILIES)
 CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
@@ -87,7 +87,7 @@ def test_batched_and_cached_logprobs_match_one_at_a_time(family):
     model.eval()
     torch.manual_seed(0)
     recs = records(n=3)
-    ro = grpo.rollout(model, processor, recs, rollout_args(2, 5))
+    ro = grpo.rollout(rollout_setup(model, processor, 2, 5), recs)
     assert (ro.prompt_mask == 0).any()  # prompts of different lengths: the batch is padded
     n, rows = len(ro.texts), torch.arange(len(ro.texts))
     share = plumbing.can_share_prompts(model)
@@ -102,10 +102,10 @@ def test_batched_and_cached_logprobs_match_one_at_a_time(family):
                            image_grid_thw=prompt["image_grid_thw"],
                            mm_token_type_ids=data.mm_token_types(processor, ids)).logits[0, prompt["input_ids"].shape[1] - 1:-1]
             alone.append(torch.log_softmax(logits.float(), -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1))
-        plain = grpo.token_logprobs(model, ro, rows, 1.0)          # the definition: whole rows
-        fast = grpo.completion_logprobs(model, ro, rows, 1.0)      # each prompt once, where allowed
+        plain = grpo.token_logprobs(model, ro, rows, 1.0, fast=False)  # the definition: whole rows
+        fast = grpo.token_logprobs(model, ro, rows, 1.0)  # each prompt once, where the model allows
         ro.features = plumbing.encode_images(model, ro.pixels, ro.grids, batch_size=2)
-        cached = grpo.completion_logprobs(model, ro, rows, 1.0)
+        cached = grpo.token_logprobs(model, ro, rows, 1.0)
     for j in range(n):
         m = len(alone[j])
         assert torch.allclose(plain[j, :m], alone[j], **FLOAT32), (arch, j)
