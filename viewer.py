@@ -349,7 +349,7 @@ def build(paths, out):
                       separators=(",", ":"))
     blob = blob.replace("<", "\\u003c")  # "</script>" or "<!--" in model output cannot end the tag
     fill = dict(TITLE=html.escape(" + ".join(names)), DATE=time.strftime("%Y-%m-%d %H:%M"),
-                SOURCES=html.escape(", ".join(map(os.path.abspath, paths))),
+                SOURCES=html.escape(", ".join(paths)),
                 CURVES=curves_html(runs), SCORES=eval_table_html(cards),
                 FILTERS=filters_html(cards, bool(runs)), SCRIPT=SCRIPT, DATA=blob)
     page = re.sub(r"\$([A-Z]+)\b", lambda m: fill[m.group(1)], PAGE)  # one pass: values not re-read
@@ -467,6 +467,11 @@ function el(tag, attrs, ...children) {
 
 function fixed(x, digits) { return x === null || x === undefined ? "-" : x.toFixed(digits); }
 
+// 2 decimals, but a small reward that is not 0 shows as such (its advantage can be large)
+function rewardText(r) {
+  return r !== null && r !== 0 && Math.abs(r) < 0.01 ? r.toExponential(1) : fixed(r, 2);
+}
+
 // red (0) to green (1): the reward at a glance
 function rewardColour(r) {
   if (r === null) return "#f4f4f4";
@@ -501,7 +506,7 @@ function figure(c, index) {
 function columnNode(c, col, i) {
   const colour = "background:" + BOX_COLOURS[i % 8];
   const swatch = c.kind === "iou" ? el("span", {class: "swatch", style: colour}) : null;
-  const reward = (c.source === "eval" ? "score " : "reward ") + fixed(col.reward, 2);
+  const reward = (c.source === "eval" ? "score " : "reward ") + rewardText(col.reward);
   const head = el("div", {class: "ch"}, swatch, col.label, el("span", null, reward));
   if (col.advantage !== null)
     head.append(el("span", {class: col.advantage >= 0 ? "pos" : "neg"},
