@@ -32,6 +32,9 @@ needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here an
 G = 4
 FRAME = [toy.IMAGE_SIZE, toy.IMAGE_SIZE]  # (width, height) the toy model sees: its boxes' frame
 HOSTILE = '</script><script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"><!--'
+CONTRACT = {"step", "id", "kind", "image", "image_paths", "question", "reference", "box_frame",
+            "box_image", "completions"}  # a row of rollouts.jsonl: one logged group
+COMPLETION = {"text", "reward", "advantage", "well_formed", "truncated", "length"}
 TINY_RUN = ["--model", "toy", "--kinds", "digit,mcq,math,iou", "--rollout-batch-size", "4",
             "-G", str(G), "--train-batch-size", "16", "--eval-data", "", "--quiet"]
 
@@ -90,13 +93,19 @@ def write_rows(path, rows, mode="w"):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A real tiny GRPO run on the toy (3 steps), with logged groups."""
+    """A real tiny GRPO run on the toy (3 steps) logging 2 groups a step, to which the cases a
+    person looks for and a toy run need not produce are added: groups of every outcome with
+    boxes, a hostile completion, an image file that is gone, and rows of the older format."""
     out = str(tmp_path_factory.mktemp("viewer") / "grpo")
-    grpo.main([*TINY_RUN, "--max-steps", "3", "--output-dir", out])
-    # TODO(lead): once grpo.py logs whole groups, pass "--log-groups", "2" above and replace these
-    # lines with a check that rollouts.jsonl holds them: the page then shows the run's own groups.
-    old = data.read_rows(os.path.join(out, "rollouts.jsonl"))  # today: one row per completion
-    write_rows(os.path.join(out, "rollouts.jsonl"), synthetic_groups(steps=3, per_step=4) + old)
+    grpo.main([*TINY_RUN, "--max-steps", "3", "--log-groups", "2", "--output-dir", out])
+    logged = data.read_rows(os.path.join(out, "rollouts.jsonl"))
+    assert len(logged) == 3 * 2 and all(CONTRACT <= set(r) for r in logged)
+    assert all(COMPLETION <= set(c) for r in logged for c in r["completions"])
+    assert all(len(r["completions"]) == G and os.path.exists(r["image_paths"][0]) for r in logged)
+    old = [dict(step=3, id="clevr_math-old-1", kind="digit", response=f"<answer>{k}</answer>",
+                reward=0.0) for k in range(G)]
+    write_rows(os.path.join(out, "rollouts.jsonl"), synthetic_groups(steps=3, per_step=4) + old,
+               mode="a")
     return out
 
 
@@ -344,7 +353,7 @@ def test_a_runs_page_in_a_real_browser(run_dir, browser, tmp_path):
     state = browser.open(url)
     assert browser.errors() == []
     assert all(u.startswith(("file:", "data:", "about:")) for u in browser.requests())  # offline
-    assert int(state["shown"]) == len(cards) == int(state["matching"])  # 12 groups, 3 of old rows
+    assert int(state["shown"]) == len(cards) == int(state["matching"]) == 6 + 12 + 1
     # every image shown decoded; the file that is gone is a placeholder, not a broken image
     images = count(browser, "#list img")
     assert images > 0 and int(state["imagesDecoded"]) == images and state["imagesBroken"] == "0"
