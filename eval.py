@@ -296,7 +296,8 @@ def rollout_aha(run_dir, bins=10):
     rows = []
     for i in range(0, len(steps), width):
         span = steps[i:i + width]
-        aha = aha_counts([text for r in rollouts if span[0] <= r["step"] <= span[-1] for text in logged_texts(r)])
+        in_span = [r for r in rollouts if span[0] <= r["step"] <= span[-1]]
+        aha = aha_counts([text for r in in_span for text in logged_texts(r)])
         length = [lengths[s] for s in span if s in lengths]
         mean_length = f"{sum(length) / len(length):.1f}" if length else "-"
         rows.append([f"{span[0]}-{span[-1]}", mean_length, aha["responses"], aha["with_aha"]]

@@ -575,23 +575,6 @@ def weights_fingerprint(accelerator, model):
     return accelerator.gather(total.reshape(1).to(accelerator.device)).tolist()
 
 
-def finish_run(accelerator, model, run_dir, key, logs, **summary):
-    """TEMPORARY (sft.py moves to Run): closes logs, writes summary.json."""
-    in_sync = len(set(weights_fingerprint(accelerator, model))) == 1
-    for log in logs:
-        if log is not None:
-            log.close()
-    rows = data.read_rows(os.path.join(run_dir, "metrics.jsonl")) if accelerator.is_main_process else []
-    k = max(1, len(rows) // 10)
-    first, last = [sum(r[key] for r in rs) / max(1, len(rs)) for rs in (rows[:k], rows[-k:])]
-    summary = {f"{key}_first_10pct": first, f"{key}_last_10pct": last, "steps": len(rows), **summary,
-               "ranks": accelerator.num_processes, "weights_in_sync": in_sync}
-    if accelerator.is_main_process:
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-    return summary
-
-
 class Run:
     """A training run's bookkeeping beside the model, the same for sft.py and grpo.py: the step
     it starts at (0, or with --resume the latest checkpoint's, whose model, optimizer and RNG

@@ -17,11 +17,9 @@ How it departs from the paper, which does not say (each is a flag; --help has th
   2. the LR, with 3% warmup and cosine decay to 0
   3. the maximum length (an over-long answer is cut, never the prompt) and the image pixel cap
 """
-import os
 from contextlib import nullcontext
 
 import torch
-from tqdm import tqdm
 
 import data
 import plumbing
@@ -116,25 +114,19 @@ def main(argv=None):
     model, processor, optimizer, params, _ = plumbing.load_policy(
         args, accelerator, not args.train_vision, args.weight_decay)
     total_steps = args.max_steps or max(1, int(args.epochs * (len(records) // args.batch_size)))
-    start = 0
-    skipped = 0  # optimizer steps skipped for a NaN/inf gradient
-    if args.resume and (state := plumbing.load_train_state(accelerator, args.output_dir)):
-        start = state["step"]
-        skipped = state["skipped_updates"]
-    os.makedirs(args.output_dir, exist_ok=True)
-    micro_batches = MicroBatches(records, processor, args, rank, world, range(start, total_steps),
-                                 micro_batch_size)
+    # skipped_updates: optimizer steps skipped for a NaN/inf gradient
+    run = plumbing.Run(args, accelerator, "sft", total_steps, ("metrics.jsonl",),
+                       shown=("loss", "lr"), skipped_updates=0)
+    micro_batches = MicroBatches(records, processor, args, rank, world,
+                                 range(run.step, total_steps), micro_batch_size)
     loader = torch.utils.data.DataLoader(micro_batches, batch_size=None,
                                          num_workers=args.num_workers)
     batches = iter(loader)
     accum = micro_batches.accum
-    metrics_log = plumbing.open_log(accelerator, args.output_dir, "metrics.jsonl", start)
 
     # ---- training loop ---------------------------------------------------------------------
     model.train()
-    quiet = args.quiet or not accelerator.is_main_process
-    bar = tqdm(total=total_steps, initial=start, disable=quiet, desc="sft")
-    for step in range(start, total_steps):
+    for step in range(run.step, total_steps):
         t0 = plumbing.clock(device)
         lr = plumbing.cosine_lr(step, total_steps, args.warmup_ratio, args.lr, args.min_lr)
         for group in optimizer.param_groups:
@@ -152,26 +144,16 @@ def main(argv=None):
             loss_sum += loss.detach() / accum
         # a NaN/inf gradient norm: the update is skipped
         grad_norm, applied = plumbing.clip_and_step(accelerator, optimizer, params)
-        skipped += not applied
+        run.state["skipped_updates"] += not applied
         loss = accelerator.reduce(loss_sum, reduction="mean").item()
         dt = plumbing.clock(device) - t0
-        row = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, skipped_updates=skipped,
-                   step_time_s=dt, tokens_per_s=tokens * world / dt)
-        plumbing.log_row(metrics_log, row, accelerator)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-        bar.update(1)
-        save_due = args.save_every and (step + 1) % args.save_every == 0
-        if save_due or step + 1 == total_steps:
-            path = plumbing.save_checkpoint(accelerator, model, processor, args.output_dir,
-                                            step + 1, dict(skipped_updates=skipped))
-            if not quiet:
-                bar.write(f"saved {path}")
-    bar.close()
-    summary = plumbing.finish_run(accelerator, model, args.output_dir, "loss", (metrics_log,),
-                                  skipped_updates=skipped)
-    if not args.quiet and accelerator.is_main_process:
-        print(f"sft: loss {summary['loss_first_10pct']:.3f} (first 10% of steps) -> "
-              f"{summary['loss_last_10pct']:.3f} (last 10%)")
+        run.log(dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm,
+                     skipped_updates=run.state["skipped_updates"], step_time_s=dt,
+                     tokens_per_s=tokens * world / dt))
+        run.save_if_due(model, processor, step + 1)
+    summary = run.finish(model, "loss", skipped_updates=run.state["skipped_updates"])
+    run.say(f"sft: loss {summary['loss_first_10pct']:.3f} (first 10% of steps) -> "
+            f"{summary['loss_last_10pct']:.3f} (last 10%)")
     accelerator.end_training()
     return model
 
