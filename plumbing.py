@@ -30,32 +30,38 @@ import toy
 
 
 class UserError(Exception):
-    """A problem with what the user gave us (a file, a record, a flag): printed as one line, no traceback."""
+    """A problem with what the user gave us (a file, a record, a flag): printed as one line,
+    no traceback."""
 
 
 def run(main, bad_record_hint=None):
-    """Runs a stage's main(): errors in the user's input (bad records or files, impossible flags) end
-    with their message and exit status 2; anything else is a bug and keeps its traceback."""
+    """Runs a stage's main(): errors in the user's input (bad records or files, impossible
+    flags) end with their message and exit status 2; anything else is a bug and keeps its
+    traceback."""
     try:
         main()
     except (UserError, data.BadRecord) as e:
-        if os.environ.get("RANK", "0") == "0":  # under a launcher every rank fails alike: say it once
-            hint = f" ({bad_record_hint})" if bad_record_hint and isinstance(e, data.BadRecord) else ""
+        # under a launcher every rank fails alike: say it once
+        if os.environ.get("RANK", "0") == "0":
+            hint = ""
+            if bad_record_hint and isinstance(e, data.BadRecord):
+                hint = f" ({bad_record_hint})"
             print(f"error: {e}{hint}", file=sys.stderr)
         sys.exit(2)
 
 
 class _DropTiedWeightNotice(logging.Filter):
-    """accelerate says "Removed shared tensor {'lm_head.weight'} while saving" for every model with tied
-    embeddings (all the small Qwen-VLs) at every checkpoint; it is expected, not a warning to act on."""
+    """accelerate says "Removed shared tensor {'lm_head.weight'} while saving" for every model
+    with tied embeddings (all the small Qwen-VLs) at every checkpoint; it is expected, not a
+    warning to act on."""
 
     def filter(self, record):
         return "Removed shared tensor" not in record.getMessage()
 
 
 def quiet_transformers():
-    """No progress bars for loading or saving shards (a run loads and saves many small checkpoints) and
-    no tied-weight notice; real warnings stay visible."""
+    """No progress bars for loading or saving shards (a run loads and saves many small
+    checkpoints) and no tied-weight notice; real warnings stay visible."""
     import transformers
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("accelerate.utils.other").addFilter(_DropTiedWeightNotice())
@@ -64,25 +70,32 @@ def quiet_transformers():
 # What every training stage shares: flags, presets, data, the policy
 
 def stage_args(doc, output_dir, data_help, preset):
-    """An argument parser with the flags sft.py and grpo.py share; `preset(key)` says a default's values."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    """An argument parser with the flags sft.py and grpo.py share; `preset(key)` says a
+    default's values."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", default="toy", help="checkpoint, hub id or run dir to start from ('toy' = the toy policy)")
-    a("--data", default="toy", help=data_help + " (JSON array or JSON Lines), 'org/name:file' on the hub, or 'toy'")
+    a("--model", default="toy",
+      help="checkpoint, hub id or run dir to start from ('toy' = the toy policy)")
+    a("--data", default="toy",
+      help=data_help + " (JSON array or JSON Lines), 'org/name:file' on the hub, or 'toy'")
     a("--image-root", default=None, help="directory the records' `image` paths are relative to")
     a("--output-dir", default=output_dir)
     a("--kinds", help="keep only these verifier kinds, comma-separated" + preset("kinds"))
     a("--skip-bad", action="store_true", help="count and skip bad records instead of stopping")
-    a("--max-pixels", type=int, help="image pixel cap (None: the processor's)" + preset("max_pixels"))
+    a("--max-pixels", type=int,
+      help="image pixel cap (None: the processor's)" + preset("max_pixels"))
     a("--min-pixels", type=int, default=None, help="image pixel floor (default: the processor's)")
-    a("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory")
+    a("--gradient-checkpointing", action="store_true",
+      help="recompute activations in backward: less memory")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     a("--seed", type=int, default=0)
     a("--trust-remote-code", action="store_true", help="allow model code shipped with a checkpoint")
     a("--quiet", action="store_true", help="no progress bar or summary")
-    a("--report-to", default="none", help="also log the metrics rows to these trackers, comma-separated: tensorboard, "
-      "wandb, trackio (each an optional package); metrics.jsonl is always written")
+    a("--report-to", default="none",
+      help="also log the metrics rows to these trackers, comma-separated: tensorboard, wandb, "
+           "trackio (each an optional package); metrics.jsonl is always written")
     return p
 
 
@@ -142,11 +155,13 @@ def grpo_flags(p, preset):
       help="groups per step written whole to rollouts.jsonl (0: none)")
 
 
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",)}
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
+            "trackio": ("trackio",)}
 
 
 def start(args, project):
-    """The Accelerator of a training run (bf16 autocast on GPUs), with the trackers of --report-to started
+    """The Accelerator of a training run (bf16 autocast on GPUs), with the trackers of
+    --report-to started
     and given the run's settings; a tracker whose package is missing stops the run with one line."""
     import importlib.util
     from accelerate import Accelerator
@@ -155,17 +170,22 @@ def start(args, project):
         if name not in TRACKERS:
             raise UserError(f"--report-to {name}: not one of {', '.join(TRACKERS)}")
         if not any(importlib.util.find_spec(package) for package in TRACKERS[name]):
-            raise UserError(f"--report-to {name} needs the {TRACKERS[name][0]} package: pip install {TRACKERS[name][0]}")
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no", log_with=trackers or None,
+            package = TRACKERS[name][0]
+            raise UserError(f"--report-to {name} needs the {package} package: "
+                            f"pip install {package}")
+    precision = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=precision, log_with=trackers or None,
                               project_dir=args.output_dir)
     if trackers:  # settings as the trackers take them: None and lists as text
-        config = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in vars(args).items()}
+        config = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                  for k, v in vars(args).items()}
         accelerator.init_trackers(project, config=config)
     return accelerator
 
 
 def apply_presets(args, real, toy_preset):
-    """Fills the flags left unset with the toy recipe when training on the toy data (--data toy, from
+    """Fills the flags left unset with the toy recipe when training on the toy data (--data toy,
+    from
     the toy policy or any checkpoint trained from it), else with the real one."""
     for key, value in (toy_preset if args.data == "toy" else real).items():
         if getattr(args, key) is None:
@@ -182,7 +202,8 @@ def load_split(args, accelerator, split, **kwargs):
 
 
 def load_policy(args, accelerator, freeze_vision, weight_decay=0.0):
-    """The model to train, its processor, and AdamW over its trainable parameters, placed by accelerate.
+    """The model to train, its processor, and AdamW over its trainable parameters, placed by
+    accelerate.
     Returns (model, processor, optimizer, params, the checkpoint path it came from)."""
     with accelerator.main_process_first():  # the toy policy is built once, by the main process
         path = toy.resolve_model(args.model)
@@ -196,7 +217,8 @@ def load_policy(args, accelerator, freeze_vision, weight_decay=0.0):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]  # FSDP swaps them for sharded ones: clip those
+    # FSDP swaps the parameters for sharded ones: clip those
+    params = [p for p in model.parameters() if p.requires_grad]
     return model, processor, optimizer, params, path
 
 
@@ -280,7 +302,8 @@ def load_reference(path, accelerator, trust_remote_code=False):
 
 def clock(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()  # the GPU runs ahead of Python: time what it did, not what was queued
+        # the GPU runs ahead of Python: time what it did, not what was queued
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 # ----------------------------------------------------------------------------------------
@@ -298,14 +321,16 @@ def load_model(name, dtype=None, min_pixels=None, max_pixels=None, trust_remote_
         size["shortest_edge"] = min_pixels or size["shortest_edge"]
         size["longest_edge"] = max_pixels or size["longest_edge"]
         processor.image_processor.size = size
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True,
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32,
+                                                        use_safetensors=True,
                                                         trust_remote_code=trust_remote_code)
     return model, processor
 
 
 def can_share_prompts(model):
-    """Whether a prompt's KV cache may be copied for each of its samples' completions (grpo.token_logprobs).
-    Not with linear-attention layers (Qwen3.5's), whose cache is a running state updated in place."""
+    """Whether a prompt's KV cache may be copied for each of its samples' completions
+    (shared_prompt_logprobs). Not with linear-attention layers (Qwen3.5's), whose cache is a
+    running state updated in place."""
     config = bare(model).config
     config = getattr(config, "text_config", config)
     return "linear_attention" not in (getattr(config, "layer_types", None) or [])
@@ -318,13 +343,15 @@ def bare(model):
 
 def freeze_vision_tower(model):
     """The vision tower (and its merger) stops training, as in the paper's SFT."""
-    vision = model.model.visual if hasattr(model, "model") and hasattr(model.model, "visual") else model.visual
+    inner = getattr(model, "model", None)
+    vision = inner.visual if hasattr(inner, "visual") else model.visual
     for p in vision.parameters():
         p.requires_grad_(False)
 
 
 def set_use_cache(model, value):
-    """Sets use_cache where transformers reads it (the text config of a VLM); returns the old value."""
+    """Sets use_cache where transformers reads it (the text config of a VLM); returns the old
+    value."""
     config = getattr(model.config, "text_config", model.config)
     old = getattr(config, "use_cache", True)
     config.use_cache = value
@@ -334,10 +361,12 @@ def set_use_cache(model, value):
 # Generation
 
 def vision_token_ids(processor):
-    """Ids a policy must never sample: a sampled <|image_pad|> in a completion makes the next forward
-    fail with "Image features and image tokens do not match" (a tiny or random policy does sample it)."""
+    """Ids a policy must never sample: a sampled <|image_pad|> in a completion makes the next
+    forward fail with "Image features and image tokens do not match" (a tiny or random policy
+    does sample it)."""
     tok = processor.tokenizer
-    names = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    names = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+             "<|video_pad|>"]
     ids = [tok.convert_tokens_to_ids(t) for t in names]
     return [i for i in ids if i is not None and i != tok.unk_token_id]
 
@@ -349,13 +378,17 @@ def generate(model, processor, batch, max_new_tokens, temperature=0.0, synced_gp
     Stops at the end of the turn; vision tokens can never be sampled.
     synced_gpus keeps every rank stepping until all are done (needed under FSDP/ZeRO-3)."""
     tok = processor.tokenizer
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-    if isinstance(model, FSDPModule):  # transformers 5's generate() runs the vision tower before prefill,
-        # outside the forward hooks that gather FSDP2's shards; let the prefill forward encode the images
+    sampling = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    if temperature > 0:
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    # transformers 5's generate() runs the vision tower before prefill, outside the forward hooks
+    # that gather FSDP2's shards: let the prefill forward encode the images
+    if isinstance(model, FSDPModule):
         model._supports_mm_encoder_outputs = lambda: False
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, suppress_tokens=vision_token_ids(processor),
-                         eos_token_id=data.end_of_turn_ids(tok), pad_token_id=tok.pad_token_id, use_cache=True,
+    out = model.generate(**batch, max_new_tokens=max_new_tokens,
+                         suppress_tokens=vision_token_ids(processor),
+                         eos_token_id=data.end_of_turn_ids(tok), pad_token_id=tok.pad_token_id,
+                         use_cache=True,
                          synced_gpus=synced_gpus, **sampling)
     return out[:, batch["input_ids"].shape[1]:]
 
@@ -363,16 +396,18 @@ def generate(model, processor, batch, max_new_tokens, temperature=0.0, synced_gp
 @torch.no_grad()
 def encode_images(model, pixels, grids, batch_size):
     """The vision tower's output for each image, for forwards that take it instead of pixels
-    (encoder_outputs). With the tower frozen, a GRPO step encodes each image once and its old-policy,
-    reference and training forwards reuse the features (the reference shares the frozen tower),
-    instead of each re-running the tower. `pixels` and `grids` hold each prompt's images; returns, per
-    prompt, one tuple per image: its features (image tokens, hidden), then Qwen3-VL's "deepstack"
-    features (the tower's intermediate outputs that feed the first text layers; other families have none)."""
+    (encoder_outputs). With the tower frozen, a GRPO step encodes each image once and its
+    old-policy, reference and training forwards reuse the features (the reference shares the
+    frozen tower), instead of each re-running the tower. `pixels` and `grids` hold each
+    prompt's images; returns, per prompt, one tuple per image: its features (image tokens,
+    hidden), then Qwen3-VL's "deepstack" features (the tower's intermediate outputs that feed
+    the first text layers; other families have none)."""
     features = []  # per prompt: a list of per-image tuples
     for i in range(0, len(pixels), batch_size):
         out = model.get_image_features(torch.cat(pixels[i:i + batch_size]).to(model.device),
-                                       torch.cat(grids[i:i + batch_size]).to(model.device), return_dict=True)
-        deep = getattr(out, "deepstack_features", None) or []           # per deepstack layer, per image
+                                       torch.cat(grids[i:i + batch_size]).to(model.device),
+                                       return_dict=True)
+        deep = getattr(out, "deepstack_features", None) or []  # per deepstack layer, per image
         images = [(f, *(layer[j] for layer in deep)) for j, f in enumerate(out.pooler_output)]
         for g in grids[i:i + batch_size]:                                # back to their prompts
             features.append(images[:len(g)])
@@ -381,10 +416,13 @@ def encode_images(model, pixels, grids, batch_size):
 
 
 def encoder_outputs(features):
-    """`mm_encoder_outputs` for a forward over images whose encode_images tuples are `features`, in order."""
+    """`mm_encoder_outputs` for a forward over images whose encode_images tuples are
+    `features`, in order."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
-    pooled, *deep = zip(*features)                                       # per sample; per deepstack layer
-    return {"image": BaseModelOutputWithDeepstackFeatures(pooler_output=pooled, deepstack_features=deep or None)}
+    pooled, *deep = zip(*features)  # per sample; per deepstack layer
+    outputs = BaseModelOutputWithDeepstackFeatures(pooler_output=pooled,
+                                                   deepstack_features=deep or None)
+    return {"image": outputs}
 
 
 def image_inputs(ro, prompts):
@@ -400,8 +438,9 @@ def image_inputs(ro, prompts):
 
 def shared_prompt_logprobs(model, ro, rows, temperature):
     """grpo.token_logprobs of the rows `rows` of a grpo.Rollout `ro`, faster (not in the paper:
-    the same numbers, tested equal to float32 tolerance). A short-answer VLM sample is mostly prompt, the same for all G samples of a
-    group: run each distinct prompt among `rows` once, copy its KV cache for each of its
+    the same numbers, tested equal to float32 tolerance). A short-answer VLM sample is mostly
+    prompt, the same for all G samples of a group: run each distinct prompt among `rows` once,
+    copy its KV cache for each of its
     samples, and run their completions on it, with the positions of the whole rows (the
     model's M-RoPE positions of (prompt | completion)). Not for linear-attention layers
     (Qwen3.5), whose cache is a running state (plumbing.can_share_prompts)."""
@@ -433,11 +472,12 @@ def shared_prompt_logprobs(model, ro, rows, temperature):
 
 
 @torch.no_grad()
-def greedy_answers(model, processor, records, accelerator, batch_size, max_new_tokens, synced_gpus=False):
-    """Greedy responses to records (data.py's prompts), sharded over ranks; yields, one batch at a time,
-    every rank's rows gathered on every rank: {id, response, length, truncated, image_size (the frame
-    of the boxes it writes, data.box_frame)}.
-    Every rank calls generate() equally often (under FSDP a rank that stops early hangs the others)."""
+def greedy_answers(model, processor, records, accelerator, batch_size, max_new_tokens,
+                   synced_gpus=False):
+    """Greedy responses to records (data.py's prompts), sharded over ranks; yields, one batch
+    at a time, every rank's rows gathered on every rank: {id, response, length, truncated,
+    image_size (the frame of the boxes it writes, data.box_frame)}. Every rank calls generate()
+    equally often (under FSDP a rank that stops early hangs the others)."""
     from accelerate.utils import gather_object
     world = accelerator.num_processes
     mine = records[accelerator.process_index::world]
@@ -445,15 +485,17 @@ def greedy_answers(model, processor, records, accelerator, batch_size, max_new_t
     was_training = model.training
     model.eval()
     for b in range(math.ceil(math.ceil(len(records) / world) / batch_size)):
-        chunk = mine[b * batch_size:(b + 1) * batch_size] or records[:1]  # a short shard repeats a record ...
+        kept = mine[b * batch_size:(b + 1) * batch_size]
+        chunk = kept or records[:1]  # a short shard repeats a record ...
         batch = data.encode_prompts(processor, chunk).to(accelerator.device)
         ids = generate(model, processor, batch, max_new_tokens, synced_gpus=synced_gpus).cpu()
-        mask, cut = data.completion_mask(ids, processor.tokenizer)                               # (b, T), (b,)
+        mask, truncated = data.completion_mask(ids, processor.tokenizer)  # (b, T), (b,)
         texts = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
         grids = batch["image_grid_thw"].cpu().split(data.image_counts(chunk))
-        rows = [dict(id=r["id"], response=t, length=int(n), truncated=bool(c), image_size=data.box_frame(processor, r, g))
-                for r, t, n, c, g in zip(chunk, texts, mask.sum(1), cut, grids)]
-        yield gather_object(rows if mine[b * batch_size:(b + 1) * batch_size] else [])  # ... that is not kept
+        rows = [dict(id=r["id"], response=t, length=int(n), truncated=bool(c),
+                     image_size=data.box_frame(processor, r, g))
+                for r, t, n, c, g in zip(chunk, texts, mask.sum(1), truncated, grids)]
+        yield gather_object(rows if kept else [])  # ... that is not kept
     model.train(was_training)
 
 
@@ -462,11 +504,13 @@ def heldout_scores(rows, records):
     included: 0/1, or the IoU for boxes. Held-out accuracy is their mean (accuracy_by_kind): one
     definition for grpo.py's start and end numbers and eval.py's toy table."""
     return rewards.reward_batch([row["response"] for row in rows], [r["gt"] for r in records],
-                                [r["kind"] for r in records], [{"image_size": row["image_size"]} for row in rows])
+                                [r["kind"] for r in records],
+                                [{"image_size": row["image_size"]} for row in rows])
 
 
 def accuracy_by_kind(rows, records):
-    """Mean heldout_scores per verifier kind and over all ("all"), for answers `rows` ({id, ...}) to `records`."""
+    """Mean heldout_scores per verifier kind and over all ("all"), for answers `rows`
+    ({id, ...}) to `records`."""
     by_id = {r["id"]: r for r in records}
     recs = [by_id[row["id"]] for row in rows]
     scores = heldout_scores(rows, recs)
@@ -508,12 +552,14 @@ def resolve_checkpoint(path):
 def save_checkpoint(accelerator, model, processor, run_dir, step, state, keep=2):
     """Writes run_dir/checkpoint-<step>/ atomically: into a .tmp directory, renamed when complete,
     then `latest` is switched (also by rename). A kill at any moment leaves the previous
-    checkpoint loadable. Keeps the newest `keep` checkpoints. Every rank must call this; returns the path."""
+    checkpoint loadable. Keeps the newest `keep` checkpoints. Every rank must call this;
+    returns the path."""
     name = f"checkpoint-{step}"
     tmp = os.path.join(run_dir, name + ".tmp")
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)  # gathers full weights under FSDP
-    accelerator.save_state(os.path.join(tmp, "train_state"))  # optimizer, scheduler, RNG of every rank
+    # the optimizer, scheduler and RNG of every rank
+    accelerator.save_state(os.path.join(tmp, "train_state"))
     if accelerator.is_main_process:
         # Gradient checkpointing sets use_cache=False; saved, it makes every later generate() re-run
         # the whole sequence per token (minutes instead of seconds), so the saved config says True.
@@ -529,8 +575,8 @@ def save_checkpoint(accelerator, model, processor, run_dir, step, state, keep=2)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomically(os.path.join(run_dir, "latest"), name)
-        old = sorted((d for d in os.listdir(run_dir) if d.startswith("checkpoint-") and d[11:].isdigit()),
-                     key=lambda d: int(d[11:]))
+        old = [d for d in os.listdir(run_dir) if d.startswith("checkpoint-") and d[11:].isdigit()]
+        old.sort(key=lambda d: int(d[11:]))
         for d in old[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -555,13 +601,15 @@ def _write_atomically(path, text):
 
 
 def open_log(accelerator, run_dir, name, start_step):
-    """The main process's handle on run_dir/<name> (JSON Lines, one row per step, appended as the run
+    """The main process's handle on run_dir/<name> (JSON Lines, one row per step, appended as
+    the run
     goes). A fresh run starts the file empty; a resumed one first cuts it back, atomically, to the
     rows of the steps its checkpoint holds, so the steps run again after a kill appear once."""
     if not accelerator.is_main_process:
         return None
     path = os.path.join(run_dir, name)
-    kept = [row for row in data.read_rows(path) if start_step and row.get("step", math.inf) <= start_step]
+    kept = [row for row in data.read_rows(path)
+            if start_step and row.get("step", math.inf) <= start_step]
     _write_atomically(path, "".join(json.dumps(row) + "\n" for row in kept))
     return open(path, "a")
 
@@ -593,7 +641,8 @@ def rollout_metrics(accelerator, ro):
                           device=accelerator.device)
     t = dict(zip(sums, accelerator.reduce(values, reduction="sum").tolist()))
     mean = t["reward"] / t["n"]
-    row = dict(reward_mean=mean, reward_std=math.sqrt(max(0.0, t["reward_sq"] / t["n"] - mean ** 2)))
+    std = math.sqrt(max(0.0, t["reward_sq"] / t["n"] - mean ** 2))
+    row = dict(reward_mean=mean, reward_std=std)
     row.update({f"reward/{k}": t[f"reward/{k}"] / t[f"count/{k}"]
                 for k in rewards.KINDS if t[f"count/{k}"]})
     row.update(frac_well_formed=t["well_formed"] / t["n"], frac_truncated=t["truncated"] / t["n"],
@@ -659,8 +708,10 @@ def weights_fingerprint(accelerator, model):
     """Sum of |w| over all parameters, gathered from every rank: equal numbers mean the ranks
     hold the same weights (the DDP invariant that a skipped collective would break)."""
     with torch.no_grad():  # under FSDP a rank holds shards (DTensors): gather each parameter whole
-        total = sum((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().abs().sum()
-                    for p in accelerator.unwrap_model(model).parameters())
+        total = 0.0
+        for p in accelerator.unwrap_model(model).parameters():
+            whole = p.full_tensor() if hasattr(p, "full_tensor") else p
+            total = total + whole.detach().float().abs().sum()
     return accelerator.gather(total.reshape(1).to(accelerator.device)).tolist()
 
 
@@ -734,7 +785,8 @@ class Run:
         if self.accelerator.is_main_process:
             with open(os.path.join(self.args.output_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1)
-        self.say(f"{self.name}: {label} {first:.3f} (first 10% of steps) -> {last:.3f} (last 10%)")
+        self.say(f"{self.name}: {label} {number(first)} (first 10% of steps) -> {number(last)} "
+                 "(last 10%)")
         if by_kind:
             self.say("training reward by kind: " + ", ".join(
                 f"{kind} {number(a)} -> {number(b)}" for kind, (a, b) in by_kind.items()))
