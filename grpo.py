@@ -148,13 +148,13 @@ class Rollout:
     prompt_ids: torch.Tensor  # (B, P) left-padded
     prompt_mask: torch.Tensor  # (B, P)
     prompt_types: torch.Tensor  # (B, P) 1 at image tokens, else 0
+    pixels: list  # B: a prompt's image patches (patches, C)
+    grids: list  # B: a prompt's patch grids (images, 3)
+    box_frames: list  # B: what a box is read in (data.box_frame)
     completion_ids: torch.Tensor  # (B*G, T) right-padded
     completion_mask: torch.Tensor  # (B*G, T) up to the end of turn
     truncated: torch.Tensor  # (B*G,) no end of turn within the cap
     texts: list  # B*G decoded completions
-    pixels: list  # B: a prompt's image patches (patches, C)
-    grids: list  # B: a prompt's patch grids (images, 3)
-    box_frames: list  # B: what a box is read in (data.box_frame)
     rewards: torch.Tensor = None  # (B*G,) step 3
     advantages: torch.Tensor = None  # (B*G,) step 4
     old_logprobs: torch.Tensor = None  # (B*G, T) step 5, 2+ updates
@@ -169,7 +169,7 @@ class Rollout:
         """The groups of `prompts` (indices) as a rollout (steps 1-3)."""
         rows = [p * self.G + g for p in prompts for g in range(self.G)]
         picked = []
-        for name in FIRST_FIELDS:
+        for name in PER_PROMPT + PER_SAMPLE:
             values = getattr(self, name)
             index = prompts if name in PER_PROMPT else rows
             is_list = isinstance(values, list)
@@ -180,7 +180,7 @@ class Rollout:
     def cat(parts):
         """Rollouts joined (steps 1-3): prompts padded left, the rest right."""
         joined = []
-        for name in FIRST_FIELDS:
+        for name in PER_PROMPT + PER_SAMPLE:
             values = [getattr(part, name) for part in parts]
             if isinstance(values[0], list):
                 joined.append([x for value in values for x in value])
@@ -193,9 +193,8 @@ class Rollout:
         return Rollout(*joined, rewards=rewards_)
 
 
-FIRST_FIELDS = list(Rollout.__dataclass_fields__)[:11]  # what rollout() fills
-PER_PROMPT = ("records", "prompt_ids", "prompt_mask", "prompt_types", "pixels",
-              "grids", "box_frames")
+FIELDS = list(Rollout.__dataclass_fields__)
+PER_PROMPT, PER_SAMPLE = FIELDS[:7], FIELDS[7:11]  # what rollout() fills
 
 
 @torch.no_grad()
@@ -222,9 +221,8 @@ def rollout(s, records):
         frames = [data.box_frame(processor, r, g) for r, g in zip(chunk, grids)]
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         parts.append(Rollout(
-            chunk, ids, batch["attention_mask"],
-            data.mm_token_types(processor, ids), completions, mask, truncated,
-            texts, pixels, grids, frames))
+            chunk, ids, batch["attention_mask"], data.mm_token_types(processor, ids),
+            pixels, grids, frames, completions, mask, truncated, texts))
     return Rollout.cat(parts)
 
 
