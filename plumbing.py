@@ -273,8 +273,10 @@ def add_adapters(model, args, base):
     with warnings.catch_warnings(), torch.random.fork_rng():  # A's random start: from --seed
         warnings.simplefilter("ignore", FutureWarning)  # peft 0.21 reads a property transformers
         torch.manual_seed(args.seed)                     # 5 deprecates
-        # the wrapper keeps the adapters fp32 over a bf16 base; the model inside is what we train
-        model = get_peft_model(model, config).get_base_model()
+        try:  # the wrapper keeps the adapters fp32 over a bf16 base; we train the model inside
+            model = get_peft_model(model, config).get_base_model()
+        except ValueError as e:  # no module matches
+            raise UserError(f"--lora-target {args.lora_target}: {e}") from None
     base = resolve_checkpoint(base)
     local = os.path.isdir(base)  # a directory, named whole; else a hub id
     model.peft_config["default"].base_model_name_or_path = os.path.abspath(base) if local else base
@@ -721,7 +723,8 @@ def save_adapters(model, directory, state_dict):
     adapter_model.safetensors and adapter_config.json, which names the base model."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
-    adapters = get_peft_model_state_dict(model, state_dict=state_dict)
+    # no embeddings: they never train here (and "auto" would ask the hub about the base)
+    adapters = get_peft_model_state_dict(model, state_dict=state_dict, save_embedding_layers=False)
     adapters = {f"base_model.model.{k}": v.contiguous() for k, v in adapters.items()}
     save_file(adapters, os.path.join(directory, "adapter_model.safetensors"), {"format": "pt"})
     model.peft_config["default"].save_pretrained(directory)

@@ -71,6 +71,10 @@ def test_adapters_go_on_the_language_models_projections_only(arch):
     assert all(".lora_A." in n or ".lora_B." in n for n in trainable)  # nothing else trains
     assert adapted == expected and plumbing.vision_frozen(model)
     assert type(model).__name__.startswith("Qwen")  # in place: the class DDP and FSDP see
+    if arch == "qwen2_5_vl":  # a target that names nothing is the user's error, in one line
+        bad = argparse.Namespace(**{**vars(lora_args()), "lora_target": r".*\.qkv_proj"})
+        with pytest.raises(plumbing.UserError, match="--lora-target"):
+            plumbing.add_adapters(plumbing.load_model(path)[0], bad, path)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
@@ -208,8 +212,9 @@ def test_sft_then_grpo_with_adapters(tmp_path):
     sft.main(["--model", "toy", "--lora-r", "8", "--batch-size", "8", "--max-steps", "2",
               "--lr", "1e-2", "--output-dir", sft_dir, "--quiet"])
     assert any(v.abs().sum() > 0 for k, v in adapters(sft_dir).items() if ".lora_B." in k)
-    grpo.main([*GRPO_LORA, "--model", sft_dir, "--max-steps", "1", "--train-batch-size", "16",
-               "--output-dir", grpo_dir])
+    # a relative --model: the checkpoint names it whole, so it loads from anywhere
+    grpo.main([*GRPO_LORA, "--model", os.path.relpath(sft_dir), "--max-steps", "1",
+               "--train-batch-size", "16", "--output-dir", grpo_dir])
     with open(os.path.join(plumbing.resolve_checkpoint(grpo_dir), "adapter_config.json")) as f:
         assert json.load(f)["base_model_name_or_path"] == plumbing.resolve_checkpoint(sft_dir)
     assert read_jsonl(os.path.join(grpo_dir, "metrics.jsonl"))[0]["kl"] == approx(0.0)
