@@ -80,6 +80,8 @@ def parse_args(argv=None):
     a("--judge-key-env", default="OPENAI_API_KEY",
       help="environment variable holding the judge's API key")
     a("--trust-remote-code", action="store_true")
+    a("--skip-bad", action="store_true",
+      help="count and skip items whose image cannot be read, instead of stopping")
     a("--quiet", action="store_true")
     args = p.parse_args(argv)
     for key, value in (TOY if args.benchmarks == "toy" else PAPER).items():
@@ -116,7 +118,7 @@ def generate_missing(model, processor, items, path, args, accelerator):
     todo = [it for it in items if it["id"] not in done]
     batches = math.ceil(math.ceil(len(todo) / accelerator.num_processes) / args.batch_size)
     answers = plumbing.greedy_answers(model, processor, todo, accelerator, args.batch_size,
-                                      args.max_new_tokens)
+                                      args.max_new_tokens, skip_bad=args.skip_bad)
     quiet = args.quiet or not accelerator.is_main_process
     with open(path, "a", encoding="utf-8") if accelerator.is_main_process else nullcontext() as f:
         for rows in tqdm(answers, total=batches, desc=os.path.basename(path), disable=quiet):
@@ -379,10 +381,14 @@ def main(argv=None):
         responses = []
         for b in benchmarks:
             rows = {row["id"]: row for row in data.read_rows(os.path.join(out_dir, f"{b}.jsonl"))}
-            summary["benchmarks"][b], results = score(b, items[b], rows, judge)
+            answered = [it for it in items[b] if it["id"] in rows]  # --skip-bad leaves some out
+            if not answered:
+                raise plumbing.UserError(f"{b}: no item has a response to score")
+            summary["benchmarks"][b], results = score(b, answered, rows, judge)
+            summary["benchmarks"][b]["skipped"] = len(items[b]) - len(answered)
             with open(os.path.join(out_dir, f"{b}.scores.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in results)
-            responses += [rows[it["id"]] for it in items[b]]
+            responses += [rows[it["id"]] for it in answered]
         texts = [r["response"] for r in responses]
         summary.update(response_length_mean=sum(r["length"] for r in responses) / len(responses),
                        truncated=sum(r["truncated"] for r in responses),
@@ -390,7 +396,11 @@ def main(argv=None):
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         summaries[label] = summary
-    counts = ", ".join(f"{title(b)} {len(items[b])} items" for b in benchmarks)
+    skipped = {b: max(summary["benchmarks"][b]["skipped"] for summary in summaries.values())
+               for b in benchmarks}
+    counts = ", ".join(f"{title(b)} {len(items[b])} items"
+                       + (f" ({skipped[b]} skipped: unreadable image)" if skipped[b] else "")
+                       for b in benchmarks)
     notes = [f"scoring: {scoring}; {counts}"]
     if "toy" in benchmarks:
         notes.append("toy: accuracy in % per verifier kind (iou: mean IoU x 100); "
