@@ -6,6 +6,7 @@ time, and when a file changes on disk in the middle of a run (after a checkpoint
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -136,7 +137,8 @@ def run(script, *args, env=None, break_mid_run=None, timeout=300):
     cmd = [sys.executable, script, *args]
     if break_mid_run:
         cmd = [sys.executable, break_script(break_mid_run[1]), script, *map(str, break_mid_run), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def break_script(beside):
@@ -148,7 +150,13 @@ def break_script(beside):
 
 
 def finish(proc, timeout=300):
-    out, err = proc.communicate(timeout=timeout)
+    """(exit status, stdout, stderr); a run still going after `timeout` (a hang) is killed, all its
+    processes."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     return proc.returncode, out, err
 
 
@@ -261,15 +269,17 @@ def test_an_option_text_ground_truth_is_scored_by_its_letter():
 
 def test_skip_bad_runs_to_the_end_and_counts_each_reason(hostile, tmp_path):
     """Every row of the table in one file, among good records: grpo.py --skip-bad counts each
-    reason and trains on the good ones; without it, one line names the first."""
+    reason and trains on the good ones; without it, loading names the first."""
     records, root = hostile
     bad = [bad_record(records[0], row) for row in ROWS]
     path = write(tmp_path / "mixed.jsonl", records[:8] + bad + records[8:])
     out = str(tmp_path / "skip")
     skipping = run("grpo.py", *GRPO_TINY, "--data", path, "--image-root", root, "--output-dir", out,
                    "--max-steps", "1", "--skip-bad")
-    stopping = run("grpo.py", *GRPO_TINY, "--data", path, "--image-root", root, "--output-dir",
-                   str(tmp_path / "stop"), "--max-steps", "1")
+    with pytest.raises(data.BadRecord) as stopping:
+        data.load_records(path, root)
+    assert str(stopping.value).startswith(f"{path}: record clevr_math-huge: ")
+    assert str(stopping.value).endswith(f"(and {len(ROWS) - 1} more bad records)")
     code, stdout, err = finish(skipping)
     assert code == 0 and "Traceback" not in err, err[-3000:]
     counts = {}
@@ -278,13 +288,11 @@ def test_skip_bad_runs_to_the_end_and_counts_each_reason(hostile, tmp_path):
     said = ", ".join(f"{n} x {reason}" for reason, n in sorted(counts.items()))
     assert f"skipped {len(ROWS)} bad records of {len(records) + len(ROWS)} in {path}: {said}" in stdout
     assert json.load(open(os.path.join(out, "summary.json")))["steps"] == 1
-    assert_one_line_error(finish(stopping), f"error: {path}: record clevr_math-huge: ",
-                          f"(and {len(ROWS) - 1} more bad records)")
 
 
 def test_sft_eval_and_build_data_say_one_line(hostile, tmp_path):
     """The same refusal in the other scripts: sft.py (a truncated image), eval.py on the toy split
-    (an 8000 x 30 image), build_data.py's input (a box of three numbers, a path out of the root)."""
+    (an 8000 x 30 image), build_data.py's input (a box of three numbers)."""
     records, root = hostile
     sft_data = write(tmp_path / "sft.jsonl", [bad_record(records[0], "truncated")] * 8)
     sft_run = run("sft.py", *SFT_TINY, "--data", sft_data, "--image-root", root, "--output-dir",
@@ -295,9 +303,6 @@ def test_sft_eval_and_build_data_say_one_line(hostile, tmp_path):
     build_data = write(tmp_path / "in.jsonl", [records[0], bad_record(records[1], "iou-three-numbers")])
     build_run = run("build_data.py", *BUILD, "--input", build_data, "--image-root", root, "--out",
                     str(tmp_path / "built"))
-    escape = write(tmp_path / "in2.jsonl", [bad_record(records[0], "escapes-root")])
-    escape_run = run("build_data.py", *BUILD, "--input", escape, "--image-root", root, "--out",
-                     str(tmp_path / "built2"))
     assert_one_line_error(finish(sft_run), f"error: {sft_data}: record clevr_math-truncated: ",
                           "image file is truncated", "--skip-bad")
     test_split = os.path.join(toy_dir, f"data-v{toy.VERSION}", "test.jsonl")
@@ -305,8 +310,6 @@ def test_sft_eval_and_build_data_say_one_line(hostile, tmp_path):
                           "8000x30", "absolute aspect ratio must be smaller than 200")
     assert_one_line_error(finish(build_run), f"error: {build_data}: record clevr_math-iou-three-numbers: ",
                           "ground truth [0.1, 0.2, 0.3]: " + rewards.GT_RULES["iou"])
-    assert_one_line_error(finish(escape_run), f"error: {escape}: record clevr_math-escapes-root: ",
-                          "'../outside.png' leaves the image root")
 
 
 def toy_dir_with_test_split(tmp_path, records, image_root):
@@ -387,13 +390,14 @@ def test_two_ranks_agree_to_stop_when_one_meets_a_broken_file(hostile, tmp_path)
     broken = str(tmp_path / "broken.png")
     shutil.copy(os.path.join(root, "x", "truncated.png"), broken)
     out = str(tmp_path / "ddp")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "BREAK_RANK": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), break_script(broken), "grpo.py", target, broken, 1,
-           *GRPO_TINY, "--data", path, "--image-root", root, "--output-dir", out, "--max-steps", "3"]
-    done = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert done.returncode != 0 and len(errors) == 1, done.stderr[-3000:]
+    env = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "BREAK_RANK": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(free_port()), break_script(broken), "grpo.py", target, broken, "1"]
+    proc = subprocess.Popen([*launch, *GRPO_TINY, "--data", path, "--image-root", root, "--output-dir", out,
+                             "--max-steps", "3"], cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    code, _, err = finish(proc, timeout=240)  # a rank left waiting on the other would hang here
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and len(errors) == 1, err[-3000:]
     assert errors[0].startswith(f"error: step 2: record {victim['id']}: unreadable image {target}")
     assert open(os.path.join(out, "latest")).read() == "checkpoint-1"
