@@ -21,7 +21,7 @@ import eval as ev  # noqa: E402
 import plumbing  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-SHARED = os.path.join(os.path.dirname(ROOT), "shared", "benchmarks")  # real test vectors, absent for users
+PUBLISHED = os.path.join(FIXTURES, "published")  # real test vectors: tests/fixtures/README.md
 
 
 # ----------------------------------------------------------------------------- the answer rule and matching
@@ -236,21 +236,22 @@ def test_scores_of_fixture_responses():
     assert (summary["score_strict"], summary["score_loose"], summary["score"]) == (50.0, 100.0, 50.0)
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "wemath_testmini.json")), reason="no ../shared/benchmarks")
 def test_wemath_real_vector():
-    """The benchmarks README: hit = (question number * 7919) % 11 < 7 on the real testmini gives
+    """The real testmini's 525 problem groups (tests/fixtures/published, trimmed to ID, key and
+    question number) with hit = (question number * 7919) % 11 < 7: VLMEvalKit's We-Math scorer gives
     IK 93, IG 97, CM 137, RM 198, Score (Strict) 35.33%, Score (Loose) 66.76%."""
-    items = [bm.wemath_item(r) for r in bm.read_local(os.path.join(SHARED, "wemath_testmini.json"))]
-    s = bm.wemath_scores([(it["group"], it["key"], float(int(it["id"]) * 7919 % 11 < 7)) for it in items])
+    records = bm.read_local(os.path.join(PUBLISHED, "wemath_testmini_groups.json"))
+    assert len(records) == 1740
+    s = bm.wemath_scores([(r["ID"], r["key"], float(r["question number"] * 7919 % 11 < 7)) for r in records])
     assert (s["groups"], s["IK"], s["IG"], s["CM_strict"], s["RM_strict"], s["CM_loose"], s["RM_loose"]) == \
         (525, 93, 97, 137, 198, 302, 33)
     assert (round(s["score_strict"], 2), round(s["score_loose"], 2)) == (35.33, 66.76)
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "dynamath_GPT4o-result.csv")), reason="no ../shared/benchmarks")
 def test_dynamath_real_vector():
-    """DynaMath's published GPT-4o results: 3,173/5,010 variants right (63.33%), 174/501 seeds (34.73%)."""
-    with open(os.path.join(SHARED, "dynamath_GPT4o-result.csv")) as f:
+    """DynaMath's published GPT-4o results (tests/fixtures/published): 3,173/5,010 variants right
+    (63.33%), 174/501 seeds right in all ten variants (worst case 34.73%, the paper's 34.7)."""
+    with open(os.path.join(PUBLISHED, "dynamath_GPT4o-result.csv"), newline="") as f:
         seeds = [r for r in csv.DictReader(f) if r["Question ID"].startswith("Q")]  # not the summary rows
     s = bm.dynamath_scores([(r["Question ID"], float(r[f"Variant {k}"] == "correct"))
                             for r in seeds for k in range(1, 11)])
