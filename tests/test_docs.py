@@ -1,5 +1,5 @@
-"""The documentation names tests as its evidence (docs/pitfalls.md's "proved by" column, the README):
-every test and test file it names must exist, or the claim has lost its proof."""
+"""The documentation names tests as its evidence (docs/pitfalls.md's "proved by" column, the
+README): every test and test file it names must exist, or the claim has lost its proof."""
 import ast
 import glob
 import os
@@ -17,7 +17,8 @@ def defined_tests():
     for path in glob.glob(os.path.join(ROOT, "tests", "*.py")):
         with open(path) as f:
             tree = ast.parse(f.read())
-        names |= {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+        names |= {n.name for n in ast.walk(tree)
+                  if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
     return names
 
 
@@ -25,7 +26,7 @@ def defined_tests():
 def test_every_test_the_docs_cite_exists(doc):
     with open(doc) as f:
         text = f.read()
-    cited = set(re.findall(r"(?<![\w/.])(test_\w+)(?![\w.])", text))  # a name, not part of tests/test_x.py
+    cited = set(re.findall(r"(?<![\w/.])(test_\w+)(?![\w.])", text))  # not part of tests/test_x.py
     missing = sorted(cited - defined_tests())
     assert not missing, f"{os.path.relpath(doc, ROOT)} cites tests that do not exist: {missing}"
     files = set(re.findall(r"\btests/[\w/]+\.py\b", text))

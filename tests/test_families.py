@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 
 import data
 import eval as evaluation
@@ -182,3 +183,57 @@ def test_boxes_are_scored_in_the_frame_each_family_writes(family, tmp_path):
     box = "[" + ", ".join(str(round(v * scale)) for v in gt) + "]"  # the box as this family writes it
     frame = data.box_frame(processor, records(n=1)[0], grid)
     assert rewards.iou_reward(box, gt, frame) == pytest.approx(1.0)
+
+
+# (width, height) of the resized image the model sees of a 200 x 90 one and of a 90 x 200 one at
+# --min-pixels 1024 --max-pixels 8000: 8 x 4 patches of 14 px, or 8 x 2 of 16 px
+RESIZED = {14: ((112, 56), (56, 112)), 16: ((128, 32), (32, 128))}
+
+
+def test_boxes_on_resized_non_square_images_score_in_the_frame_the_model_saw(family, tmp_path):
+    """Non-square images that the processor resizes, through the real path of each stage: the
+    prompt's image_grid_thw -> data.box_frame -> rewards.iou_reward, in grpo.score (rollouts) and
+    in plumbing.greedy_answers' rows -> plumbing.heldout_scores (held-out accuracy, eval.py's toy).
+    Qwen2.5-VL's box is in pixels of the resized image, the others' on a 0-1000 grid of it: the box
+    each family writes scores 1, and the same box read in the original size or with width and height
+    swapped does not."""
+    from accelerate import Accelerator
+    arch, path = family
+    model, processor = plumbing.load_model(path, min_pixels=1024, max_pixels=8000)
+    model.eval()
+    recs = []
+    for name, size in (("wide", (200, 90)), ("tall", (90, 200))):
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / f"{name}.png")
+        recs.append(dict(id=f"coco-{name}", image_paths=[str(tmp_path / f"{name}.png")],
+                         question="Where is it?", kind="iou", gt=[0.25, 0.5, 0.5, 0.75]))
+    patch = toy.FAMILIES[arch]["patch"]
+    grids = data.encode_prompts(processor, recs)["image_grid_thw"]
+    assert grids.tolist() == [[1, h // patch, w // patch] for w, h in RESIZED[patch]]  # resized
+    assert [data.image_size(processor, g) for g in grids] == list(RESIZED[patch])
+    pixels = arch == "qwen2_5_vl"
+
+    def box(rec, frame):  # the record's box as written in `frame` ((width, height), None: 0-1000)
+        w, h = frame or (1000, 1000)
+        return "[" + ", ".join(str(round(v * s)) for v, s in zip(rec["gt"], (w, h, w, h))) + "]"
+
+    def answer(rec, frame):
+        return f"<think>It is there.</think><answer>{box(rec, frame)}</answer>"
+
+    seen = [RESIZED[patch][i] if pixels else None for i in range(2)]  # the family's frames
+    for rec, grid, frame, original in zip(recs, grids, seen, ((200, 90), (90, 200))):
+        assert data.box_frame(processor, rec, grid[None]) == frame
+        assert rewards.iou_reward(box(rec, frame), rec["gt"], frame) == pytest.approx(1.0)
+        other = RESIZED[patch][0 if rec is recs[1] else 1]  # the other image's
+        for wrong in (original, original[::-1], other):  # not the frame of the image the model saw
+            assert rewards.iou_reward(box(rec, frame), rec["gt"], wrong) < 0.5
+    # grpo.py: a real rollout of both prompts, its completions replaced by the family's boxes
+    torch.manual_seed(0)
+    ro = grpo.rollout(model, processor, recs, 2, max_new_tokens=2, temperature=1.0)
+    ro["texts"] = [answer(rec, frame) for rec, frame in zip(recs, seen) for _ in range(2)]
+    assert grpo.score(ro, recs, 2, processor, None, 0.0).tolist() == pytest.approx([1.0] * 4)
+    # held-out accuracy, eval.py: greedy rows carry the frame, heldout_scores reads boxes in it
+    answers = plumbing.greedy_answers(model, processor, recs, Accelerator(), 2, 2)
+    rows = [row for rows in answers for row in rows]
+    assert [row["image_size"] for row in rows] == seen
+    rows = [dict(row, response=answer(rec, frame)) for row, rec, frame in zip(rows, recs, seen)]
+    assert plumbing.heldout_scores(rows, recs) == pytest.approx([1.0, 1.0])

@@ -70,39 +70,44 @@ def test_clipped_surrogate_by_hand():
 
 
 def test_clipped_surrogate_with_asymmetric_bounds_by_hand():
-    """DAPO's clip-higher (--clip-eps 0.2 --clip-eps-high 0.28): rho is clipped to [0.8, 1.28]. Ratios
-    below, inside and above, positive and negative advantages, a padded token: loss, gradient and
-    clip_frac by hand. min() keeps the worse of the clipped and unclipped terms, and the gradient flows
-    only through the term it keeps."""
-    ratios = torch.tensor([[0.5, 0.9, 1.25, 1.5, 3.0]] * 2)   # below 0.8, inside, inside, above 1.28; padding
+    """DAPO's clip-higher (--clip-eps 0.2 --clip-eps-high 0.28): rho is clipped to [0.8, 1.28].
+    Ratios below, inside and above, positive and negative advantages, a padded token: loss,
+    gradient and clip_frac by hand. min() keeps the worse of the clipped and unclipped terms, and
+    the gradient flows only through the term it keeps."""
+    ratios = torch.tensor([[0.5, 0.9, 1.25, 1.5, 3.0]] * 2)  # below 0.8, inside x2, above 1.28; pad
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]] * 2)
     old = torch.zeros(2, 5)
-    # per sequence, A = +1: min(rho, clip(rho)) = 0.5, 0.9, 1.25, 1.28 (the gain above 1.28 is cut)
-    #               A = -1: -max(rho, clip(rho)) = -0.8, -0.9, -1.25, -1.5 (the loss below 0.8 is kept at 0.8)
+    # per token, A = +1: min(rho, clip(rho)) = 0.5, 0.9, 1.25, 1.28 (the gain above 1.28 is cut)
+    #            A = -1: -max(rho, clip(rho)) = -0.8, -0.9, -1.25, -1.5 (below 0.8: held at 0.8)
     by_hand = {1.0: (0.5 + 0.9 + 1.25 + 1.28) / 4, -1.0: -(0.8 + 0.9 + 1.25 + 1.5) / 4}
     for i, a in enumerate(by_hand):
-        loss, clip_frac = grpo.policy_loss(torch.log(ratios[i:i + 1]), old[:1], torch.tensor([a]), mask[:1], 0.2, 0.28)
+        loss, clip_frac = grpo.policy_loss(torch.log(ratios[i:i + 1]), old[:1], torch.tensor([a]),
+                                           mask[:1], 0.2, 0.28)
         assert loss.item() == pytest.approx(-by_hand[a]), a
-        assert clip_frac.item() == 0.5  # 0.5 and 1.5 lie outside [0.8, 1.28]; the padded 3.0 does not count
+        assert clip_frac.item() == 0.5  # 0.5 and 1.5 are outside [0.8, 1.28]; the padded 3.0 is not
     logp = torch.log(ratios).requires_grad_()
     loss, clip_frac = grpo.policy_loss(logp, old, torch.tensor([1.0, -1.0]), mask, 0.2, 0.28)
-    assert loss.item() == pytest.approx(-(by_hand[1.0] + by_hand[-1.0]) / 2) and clip_frac.item() == 0.5
+    assert loss.item() == pytest.approx(-(by_hand[1.0] + by_hand[-1.0]) / 2)
+    assert clip_frac.item() == 0.5
     loss.backward()
-    # d(-A rho)/d logp = -A rho through a kept unclipped term, 0 through a kept clipped one; / (4 tokens x 2)
+    # d(-A rho)/d logp = -A rho through a kept unclipped term, 0 through a kept clipped one;
+    # / (4 tokens x 2 sequences)
     expected = torch.tensor([[-0.5, -0.9, -1.25, 0.0, 0.0], [0.0, 0.9, 1.25, 1.5, 0.0]]) / 8
     assert torch.allclose(logp.grad, expected, atol=1e-6)
 
 
 def test_adaptive_kl_update_inside_the_clip_range_and_at_its_edges():
-    """(5): coef *= 1 + clip(kl/target - 1, -0.2, 0.2) * n/horizon, with kl/target inside (-0.2, 0.2)
-    the step is proportional to the error, not just its sign."""
+    """(5): coef *= 1 + clip(kl/target - 1, -0.2, 0.2) * n/horizon. Inside the clip range the step
+    is proportional to the error, not just its sign."""
     n, h = 2048, 10000
     cases = [(5.5e-4, 0.1), (4.75e-4, -0.05), (5e-4, 0.0),   # inside: +10%, -5%, on target
              (6e-4, 0.2), (4e-4, -0.2),                       # the edges, 1.2 and 0.8 x target
              (1e-2, 0.2), (0.0, -0.2)]                        # far outside: clipped
     for kl, error in cases:
-        assert grpo.update_kl_coef(1e-3, kl, 5e-4, n, h) == pytest.approx(1e-3 * (1 + error * n / h), rel=1e-9), kl
-    assert grpo.update_kl_coef(1e-3, 5.5e-4, 5e-4, 512, h) == pytest.approx(1e-3 * (1 + 0.1 * 512 / h), rel=1e-9)
+        expected = 1e-3 * (1 + error * n / h)
+        assert grpo.update_kl_coef(1e-3, kl, 5e-4, n, h) == pytest.approx(expected, rel=1e-9), kl
+    expected = 1e-3 * (1 + 0.1 * 512 / h)  # the step scales with the samples seen
+    assert grpo.update_kl_coef(1e-3, 5.5e-4, 5e-4, 512, h) == pytest.approx(expected, rel=1e-9)
     assert grpo.update_kl_coef(2e-3, 5e-4, 5e-4, n, h) == 2e-3  # on target: unchanged
 
 
