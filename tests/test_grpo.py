@@ -5,16 +5,22 @@ import argparse
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import data
 import grpo
 import plumbing
 import toy
-from conftest import FLOAT32, approx, read_jsonl, rewind_run, run_two_ranks
+from conftest import FLOAT32, ROOT, approx, read_jsonl, rewind_run, run_two_ranks
 
 
 # ---------------------------------------------------------------------------- the pieces
@@ -400,6 +406,127 @@ def test_resume_reproduces_the_next_steps_and_logs_each_once(tmp_path):
     for x, y in zip(a[2:], b[2:]):
         for key in ("reward_mean", "response_length_mean", "loss", "kl", "kl_coef", "lr"):
             assert x[key] == approx(y[key]), key
+
+
+# The toy policy on its counting tasks (it earns rewards, so the weights move), KL with the adaptive
+# coefficient, two updates per step (the old-policy forward): all the state a resume must restore.
+KILLED = ["grpo.py", "--model", "toy", "--kinds", "digit", "--rollout-batch-size", "4", "-G", "4",
+          "--train-batch-size", "8", "--micro-batch-size", "4", "--max-new-tokens", "16",
+          "--lr", "1e-3", "--kl-coef", "0.01", "--kl-target", "5e-4", "--eval-data", "", "--quiet",
+          "--save-every", "2", "--max-steps", "4"]
+TIMES = {"step_time_s", "time_generate_s", "time_reward_s", "time_vision_s", "time_logprobs_s",
+         "time_update_s"}
+
+
+def start_grpo(run_dir, *extra):
+    """grpo.py in a process of its own, on the CPU, as a user starts it; output in run_dir.log."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    with open(f"{run_dir}.log", "ab") as log:
+        return subprocess.Popen([sys.executable, *KILLED, "--output-dir", run_dir, *extra],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, proc, what, timeout=300):
+    """Polls `condition` every 2 ms while `proc` runs; fails if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            with open(proc.args[proc.args.index("--output-dir") + 1] + ".log") as f:
+                pytest.fail(f"grpo.py ended ({proc.returncode}) before {what}:\n{f.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def kill(proc):
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def latest_checkpoint(run_dir):
+    """The checkpoint `latest` names, after checking that it holds what a load and a resume read."""
+    with open(os.path.join(run_dir, "latest")) as f:
+        name = f.read().strip()
+    path = os.path.join(run_dir, name)
+    for part in ("config.json", "model.safetensors", "tokenizer.json", "state.json",
+                 "train_state/optimizer.bin", "train_state/random_states_0.pkl"):
+        assert os.path.isfile(os.path.join(path, part)), f"{name} has no {part}"
+    with open(os.path.join(path, "state.json")) as f:
+        assert json.load(f)["step"] == int(name.removeprefix("checkpoint-")), name
+    return name
+
+
+def logged_steps(run_dir):
+    """The steps of metrics.jsonl's complete lines (the run may be writing one)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+
+
+def test_sigkill_mid_save_and_mid_step_then_resume_gives_the_uninterrupted_run(tmp_path):
+    """Real SIGKILLs of grpo.py: first while it writes checkpoint-4, made deterministic from
+    outside (state.json, the last file save_checkpoint writes into checkpoint-4.tmp, is a named pipe
+    whose open() blocks until the kill); then, resumed from checkpoint-2, in the middle of step 4.
+    After each kill, and all through the resumes (a thread reads it every millisecond), `latest`
+    names a complete checkpoint. The last resume ends with the weights of the uninterrupted run, bit
+    for bit, and with its logs, each step once. That run is the first one: it ran steps 1-4 without
+    a break and had written their weights and logs when the kill came (and a reference run side by
+    side would double the test's time)."""
+    toy.policy_path()  # built here if missing
+    out = str(tmp_path / "run")
+    tmp = os.path.join(out, "checkpoint-4.tmp")
+    os.makedirs(tmp)
+    os.mkfifo(os.path.join(tmp, "state.json"))
+    first = start_grpo(out)
+    # 1. killed in save_checkpoint(step 4): all of checkpoint-4.tmp is written but state.json
+    wait_for(lambda: os.path.isfile(os.path.join(tmp, "tokenizer_config.json")), first, "the save")
+    time.sleep(0.2)  # it cannot get past opening the pipe: the kill lands in the save, whenever
+    kill(first)
+    assert latest_checkpoint(out) == "checkpoint-2" and not os.path.exists(tmp[:-4])
+    assert logged_steps(out) == [1, 2, 3, 4]  # the step's row is written before its checkpoint
+    uninterrupted = load_file(os.path.join(tmp, "model.safetensors"))  # step 4's weights, complete
+    logs = {name: read_jsonl(os.path.join(out, name))
+            for name in ("metrics.jsonl", "rollouts.jsonl")}
+    os.remove(os.path.join(tmp, "state.json"))  # the pipe; the rest stays as the kill left it
+
+    problems, done = [], threading.Event()
+
+    def watch():  # `latest` names a complete checkpoint at every moment
+        while not done.is_set():
+            try:
+                latest_checkpoint(out)
+            except (AssertionError, OSError, ValueError) as e:
+                problems.append(repr(e))
+            time.sleep(0.001)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        # 2. resumed, killed in step 4, once the row of step 3 is logged (its checkpoint: step 2's)
+        stale = os.stat(os.path.join(out, "metrics.jsonl")).st_ino
+        second = start_grpo(out, "--resume")
+        metrics = os.path.join(out, "metrics.jsonl")
+        wait_for(lambda: os.stat(metrics).st_ino != stale and logged_steps(out)[-1:] == [3],  # cut back
+                 second, "the row of step 3")
+        kill(second)
+        steps = logged_steps(out)  # [1, 2, 3], unless this process slept through all of step 4
+        assert steps in ([1, 2, 3], [1, 2, 3, 4])
+        assert latest_checkpoint(out) == "checkpoint-2" or steps == [1, 2, 3, 4]
+        # 3. resumed to the end
+        third = start_grpo(out, "--resume")
+        assert third.wait(timeout=300) == 0
+    finally:
+        done.set()
+        watcher.join()
+    assert not problems, problems[:3]
+    assert latest_checkpoint(out) == "checkpoint-4" and not os.path.exists(tmp)
+    resumed = load_file(os.path.join(out, "checkpoint-4", "model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    policy = plumbing.resolve_checkpoint(toy.policy_path())
+    start = load_file(os.path.join(policy, "model.safetensors"))
+    assert any(not torch.equal(start[k], resumed[k]) for k in start)  # the run trained
+    for name, rows in logs.items():  # each step once (rollouts: 4 rows a step), as uninterrupted
+        got = read_jsonl(os.path.join(out, name))
+        assert [{k: v for k, v in r.items() if k not in TIMES} for r in got] == \
+            [{k: v for k, v in r.items() if k not in TIMES} for r in rows], name
 
 
 def test_two_cpu_ranks_keep_identical_weights(tmp_path):
