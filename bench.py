@@ -69,7 +69,7 @@ def ours_grpo(spec):
     import grpo  # on --data toy every model gets grpo.py's toy preset: the flags below only make it explicit
     a = GRPO_ARGS
     grpo.main(["--model", spec["model"], "--data", "toy", "--kinds", a["kinds"], "--eval-data", "",
-               "--output-dir", spec["out"], "--quiet", "--log-rollouts", "0", "--seed", "0",
+               "--output-dir", spec["out"], "--quiet", "--log-groups", "0", "--seed", "0",
                "--max-steps", str(spec["warmup"] + spec["steps"]), "-G", str(a["G"]),
                "--rollout-batch-size", str(a["prompts"]), "--train-batch-size", str(a["prompts"] * a["G"]),
                "--micro-batch-size", str(a["prompts"] * a["G"]), "--max-new-tokens", str(a["max_new_tokens"]),

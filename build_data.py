@@ -13,7 +13,8 @@ behind an OpenAI-compatible chat-completions API (vLLM, SGLang, a hosted one):
         --models Qwen/Qwen2-VL-2B-Instruct Qwen/Qwen2.5-VL-3B-Instruct --out sft-5k.jsonl
 
 build writes built/sft.jsonl and built/grpo.jsonl (data.py's schema: sft.py and grpo.py load them),
-built/stats.json (kept and dropped per step and source, and why; tokens per step) and
+built/stats.json (kept and dropped per step and source, and why; replies read past a code fence,
+a preface or the like, per step and form; tokens per step) and
 built/cache/<step>.jsonl (every reply, by record id: a rerun never asks twice).
 """
 import argparse
@@ -104,40 +105,149 @@ def words_changed(before, after):
     return sum(max(i2 - i1, j2 - j1) for op, i1, i2, j1, j2 in ops if op != "equal")
 
 
-def verdict(text):
-    """'Yes', 'No', or None when the judge did not give a one-word verdict (not in the paper:
-    which spellings count). Case, surrounding
-    whitespace, quotes, asterisks and end punctuation are ignored ("Yes", "Yes.", "yes",
-    " yes\\n", "**No**" count); anything more ("Yes, because ...") is no verdict.
+# Not in the paper: chat models wrap a reply in a code fence, open it with a line such as "Sure,
+# here is the edited text:" or add a remark after it, though each prompt asks for the text alone.
+# The steps read past these habits (stats.json counts each under "repaired", per step and form) and
+# drop only what cannot be read without guessing.
+MARKUP = "*_\"'`\u201c\u201d\u2018\u2019"  # bold/italics, quotes (straight and curly), backticks
+# A preface: one line ending in ':' that opens with a courtesy word, or that points at the reply
+# ("Here is a detailed description:"). A caption's own first line ("A table with two columns:")
+# is content, not a preface, and stays.
+PREFACE = re.compile(r"[ \t]*(?:(?:sure|certainly|of course|okay|ok|absolutely)\b"
+                     r"|(?:here is|here's|here\u2019s|below is)\b[^\n]*?"
+                     r"\b(?:description|caption|text|version|answer|reasoning|verdict)s?\b)"
+                     r"[^\n]*:[ \t]*\n", re.IGNORECASE)
+FENCED = re.compile(r"\s*```[\w+.-]*[ \t]*\n(.*?)\n?[ \t]*```\s*", re.DOTALL)  # ``` or ```xml, etc.
+HEDGES = ("yes", "no", "but", "and", "or", "wait", "maybe", "partly", "partially")  # see verdict
 
-    >>> verdict(" yes\\n"), verdict("No."), verdict("Yes, it matches.")
-    ('Yes', 'No', None)
+
+def unwrap(text):
+    """(text, forms repaired): a reply without a preface line before it ("preface") and without
+    a code fence around all of it ("code fence"). A fence that is part of the text (a block of
+    code a caption copies, with text around it) stays: only a fence around the whole is taken off.
+
+    >>> unwrap("Here is a detailed description:\\n```markdown\\nA red cube.\\n```\\n")
+    ('A red cube.', ('preface', 'code fence'))
+    >>> unwrap("A chart with two bars:\\n- red: 4")
+    ('A chart with two bars:\\n- red: 4', ())
     """
-    return {"yes": "Yes", "no": "No"}.get(text.strip(" \t\r\n*\"'`.!").lower())
+    forms = ()
+    preface = PREFACE.match(text)
+    if preface and text[preface.end():].strip():
+        text, forms = text[preface.end():], ("preface",)
+    fenced = FENCED.fullmatch(text)
+    if fenced and not re.search(r"^[ \t]*```", fenced[1], re.MULTILINE):  # one fence, not two
+        text, forms = fenced[1], forms + ("code fence",)
+    return text.strip(), forms
+
+
+def around(before, after):
+    """Forms of the text around the span a reply was asked for: a code fence that opens just
+    before it and closes just after ("code fence"), other text before ("preface") and after it
+    ("trailing text").
+
+    >>> around("Edited:\\n```xml\\n", "\\n```\\nI replaced two references.")
+    ('code fence', 'preface', 'trailing text')
+    """
+    before, after = before.rstrip(), after.lstrip()
+    forms = ()
+    opened = re.search(r"(?:^|\n)[ \t]*```[\w+.-]*\Z", before)
+    if opened and after.startswith("```"):
+        before, after, forms = before[:opened.start()], after[3:], ("code fence",)
+    return forms + ("preface",) * bool(before.strip()) + ("trailing text",) * bool(after.strip())
+
+
+def tagged_span(text):
+    """(span, reasoning, answer, forms) of a rewrite: the one <reasoning>...</reasoning> then
+    <answer>...</answer> span wherever it is in the reply, and the forms around it (see around);
+    or why there is none. Text outside the span never reaches the data, so any is read past; a
+    tag written twice (an "original" and an "edited" version, say) leaves no way to tell which
+    span is the rewrite.
+
+    >>> tagged_span("Sure:\\n<reasoning>\\nr\\n</reasoning>\\n<answer>a</answer>")[1:]
+    ('r', 'a', ('preface',))
+    """
+    if any(text.count(tag) > 1 for tag in ("<reasoning>", "</reasoning>", "<answer>", "</answer>")):
+        return "rewrite repeats the <reasoning>/<answer> tags"
+    span = re.search(r"<reasoning>(.*)</reasoning>\s*<answer>(.*)</answer>", text, re.DOTALL)
+    if not span:
+        return "rewrite lost the <reasoning>/<answer> tags"
+    forms = around(text[:span.start()], text[span.end():])
+    return span[0], span[1].strip(), span[2].strip(), forms
+
+
+def verdict(text):
+    """(verdict, forms): 'Yes' or 'No' and the forms read past to find it, or None when the reply
+    does not start with a clear verdict (not in the paper: which replies count). Case, spaces and
+    end punctuation are no repair ("yes", "No.", " yes\\n"); markup around the word is
+    ("**No**", "'Yes'"), and so is an explanation set off after it ("Yes. It matches.", "Yes, it
+    matches", "**No** - the count differs", a new line). Not a verdict: a first word other than
+    Yes or No ("The answer is wrong": reading a verdict out of prose means reading negations
+    right, and a misread puts a wrong answer in the data where a drop costs one record), a
+    question ("Yes?"), nothing setting the word off ("Yes and no", "Yes/No"), or a verdict
+    hedged or taken back at once ("Yes, but ...", "No - wait, yes").
+
+    >>> verdict(" yes\\n"), verdict("**No** - the count differs"), verdict("Yes and no")
+    (('Yes', ()), ('No', ('verdict with explanation', 'verdict with markup')), None)
+    """
+    mark = f"[{re.escape(MARKUP)}]*"
+    # markup, the word (not "yesterday"), markup, end punctuation, markup
+    first = re.match(rf"\s*({mark})(yes|no)(?![^\W_])({mark})([.,;:!]*)({mark})", text,
+                     re.IGNORECASE)
+    if not first:
+        return None
+    rest = text[first.end():]
+    if rest.strip():
+        set_off = first[4] or re.match(r"[ \t]*(?:\n|[-\u2013\u2014(])", rest)
+        hedged = re.match(rf"[\s\-\u2013\u2014(]*(?:{'|'.join(HEDGES)})\b", rest, re.IGNORECASE)
+        if not set_off or hedged:
+            return None
+    forms = ("verdict with explanation",) * bool(rest.strip())
+    forms += ("verdict with markup",) * bool(first[1] or first[3] or first[5])
+    return first[2].capitalize(), forms
 
 
 def split_reasoning(reply):
-    """(reasoning, content) of a reply. Servers return a model's reasoning in one of three ways:
-    a `reasoning_content` or a `reasoning` field (both cached as "reasoning"), or inline as
-    <think>...</think> before the content (the opening tag is missing when the chat template
-    wrote it into the prompt)."""
+    """(reasoning, content, forms repaired) of a reply. Servers return a model's reasoning in one
+    of three ways: a `reasoning_content` or a `reasoning` field (both cached as "reasoning"), or
+    inline as <think>...</think> before the content (the opening tag is missing when the chat
+    template wrote it into the prompt). A code fence opened before an inline <think> ("code
+    fence") closes right after </think> or at the end of the reply; both are read past.
+
+    >>> split_reasoning({"content": "```\\n<think>\\nr\\n</think>\\n```\\n\\nThe answer is 4."})
+    ('r', 'The answer is 4.', ('code fence',))
+    """
     content = reply.get("content") or ""
-    inline = re.match(r"\s*(?:<think>)?(.*?)</think>(.*)", content, re.S)
+    inline = re.match(r"\s*(```[\w+.-]*[ \t]*\n\s*)?(?:<think>)?(.*?)</think>(.*)", content,
+                      re.DOTALL)
     if inline and not reply.get("reasoning"):
-        return inline[1].strip(), inline[2].strip()
-    return (reply.get("reasoning") or "").strip(), content.strip()
+        rest = inline[3]
+        if inline[1]:
+            closed = re.match(r"\s*```[ \t]*(?:\n|$)(.*)", rest, re.DOTALL)  # right after </think>
+            closed = closed or re.fullmatch(r"(.*)```\s*", rest, re.DOTALL)  # or at the end
+            rest = closed[1] if closed else rest
+        return inline[2].strip(), rest.strip(), ("code fence",) * bool(inline[1])
+    return (reply.get("reasoning") or "").strip(), content.strip(), ()
+
+
+def read_reply(reply):
+    """(reasoning, content, forms repaired) of a reply: split_reasoning, then unwrap the content."""
+    reasoning, content, forms = split_reasoning(reply)
+    content, more = unwrap(content)
+    return reasoning, content, forms + more
 
 
 def reply_problem(reply):
     """Why a reply cannot be used, or None. Not in the paper: a refused, cut or empty reply is
-    dropped (a cut reasoning has no final answer), and so is a call that failed for good."""
+    dropped (a cut reasoning has no final answer; a fence around nothing is empty), and so is a
+    call that failed for good."""
     if "error" in reply:
         return reply["error"]
     if reply.get("refusal") or reply.get("finish_reason") == "content_filter":
         return "refused"
     if reply.get("finish_reason") == "length":
         return "cut at the token limit"
-    return None if split_reasoning(reply)[1] else "empty reply"
+    return None if read_reply(reply)[1] else "empty reply"
 
 
 def inline_image(part):
@@ -235,29 +345,42 @@ def tally(counter, record):
 
 def keep_accepted(stats, step, records, replies, accept):
     """Records whose reply is usable and accepted: accept(record, reasoning, content) returns the
-    updated record, or the reason (a string) to drop it. Counts kept, dropped and tokens."""
+    updated record and the forms it repaired, or the reason (a string) to drop it; the content
+    comes through read_reply. Counts kept, dropped, tokens, and the kept records whose reply
+    needed each repair (a reply can need several)."""
     kept = []
     for r in records:
         reply = replies[r["id"]]
         prompt_tokens, completion_tokens = reply.get("tokens", (0, 0))
         stats["tokens"][step]["prompt"] += prompt_tokens
         stats["tokens"][step]["completion"] += completion_tokens
-        result = reply_problem(reply) or accept(r, *split_reasoning(reply))
+        problem = reply_problem(reply)
+        if problem:
+            tally(stats["dropped"][step][problem], r)
+            continue
+        reasoning, content, forms = read_reply(reply)
+        result = accept(r, reasoning, content)
         if isinstance(result, str):
             tally(stats["dropped"][step][result], r)
-        else:
-            kept.append(result)
-            tally(stats["kept"][step], r)
+            continue
+        record, more = result
+        kept.append(record)
+        tally(stats["kept"][step], r)
+        for form in dict.fromkeys(forms + more):  # in order, each once
+            tally(stats["repaired"][step][form], r)
     return kept
 
 
 def caption_step(ask, stats, records):
-    """Step 1: a vision model writes a detailed, structured caption of each image."""
+    """Step 1: a vision model writes a detailed, structured caption of each image (a fence
+    around it, or a preface line before it, is taken off: see unwrap)."""
     def messages(r):
         return [{"role": "user", "content": [*({"type": "image_path", "path": p} for p in r["image_paths"]),
                                              {"type": "text", "text": CAPTION_PROMPT}]}]
     replies = ask("caption", records, messages)
-    return keep_accepted(stats, "caption", records, replies, lambda r, _, text: {**r, "caption": text})
+    def accept(r, _, caption):
+        return {**r, "caption": caption}, ()
+    return keep_accepted(stats, "caption", records, replies, accept)
 
 
 def reason_step(ask, stats, records):
@@ -268,7 +391,9 @@ def reason_step(ask, stats, records):
         return [{"role": "user", "content": prompt}]
 
     def accept(r, reasoning, answer):
-        return {**r, "reasoning": reasoning, "distilled": answer} if reasoning else "no reasoning in the reply"
+        if not reasoning:
+            return "no reasoning in the reply"
+        return {**r, "reasoning": reasoning, "distilled": answer}, ()
     return keep_accepted(stats, "reason", records, ask("reason", records, messages), accept)
 
 
@@ -277,7 +402,8 @@ def rewrite_step(ask, stats, records):
     that changes more than MAX_WORDS_CHANGED words (see words_changed) is dropped.
     Not in the paper: the reasoning and the answer go to the rewrite together, between
     <reasoning> and <answer> tags (not <think>, which a reasoning model writes itself), and
-    the word limit counts both."""
+    the word limit counts both. The tagged span is read wherever it is in the reply (see
+    tagged_span) and compared alone, so a preface or a fence is no changed word."""
     def original(r):
         return f"<reasoning>\n{r['reasoning']}\n</reasoning>\n<answer>\n{r['distilled']}\n</answer>"
 
@@ -285,25 +411,32 @@ def rewrite_step(ask, stats, records):
         return [{"role": "user", "content": REWRITE_PROMPT.format(text=original(r))}]
 
     def accept(r, _, text):
-        tagged = re.fullmatch(r"<reasoning>(.*)</reasoning>\s*<answer>(.*)</answer>", text, re.S)
-        if not tagged:
-            return "rewrite lost the <reasoning>/<answer> tags"
-        if words_changed(original(r), text) > MAX_WORDS_CHANGED:
+        found = tagged_span(text)
+        if isinstance(found, str):
+            return found
+        span, reasoning, answer, forms = found
+        if words_changed(original(r), span) > MAX_WORDS_CHANGED:
             return f"rewrite changed more than {MAX_WORDS_CHANGED} words"
-        answer = f"<think>\n{tagged[1].strip()}\n</think>\n<answer>\n{tagged[2].strip()}\n</answer>"
-        return {**r, "answer": answer} if rewards.is_well_formed(answer) else "empty answer, or tags inside the text"
+        answer = f"<think>\n{reasoning}\n</think>\n<answer>\n{answer}\n</answer>"
+        if not rewards.is_well_formed(answer):
+            return "empty answer, or tags inside the text"
+        return {**r, "answer": answer}, forms
     return keep_accepted(stats, "rewrite", records, ask("rewrite", records, messages), accept)
 
 
 def verify_step(ask, stats, records):
-    """Step 4: a judge compares the rewritten answer with the ground truth; only "Yes" is kept."""
+    """Step 4: a judge compares the rewritten answer with the ground truth; only "Yes" is kept,
+    read as verdict() reads it."""
     def messages(r):
         gt = r["gt"] if isinstance(r["gt"], str) else json.dumps(r["gt"])
         return [{"role": "user", "content": VERIFY_PROMPT.format(question=r["question"], gt=gt,
                                                                  answer=rewards.extract_answer(r["answer"]))}]
 
     def accept(r, _, text):
-        return {"Yes": r, "No": "judged wrong"}.get(verdict(text), "no one-word verdict")
+        said = verdict(text)
+        if said is None:
+            return "no clear Yes or No first"
+        return (r, said[1]) if said[0] == "Yes" else "judged wrong"
     return keep_accepted(stats, "verify", records, ask("verify", records, messages), accept)
 
 
@@ -356,7 +489,8 @@ def read_build_input(path, image_root, skip_bad, limit, stats):
 
 def stats_table(stats):
     """Markdown tables of a build: records left after each step per source (the paper's Table 1),
-    then every drop reason, then tokens per step."""
+    then every drop reason, then the kept records whose reply needed each repair, then tokens per
+    step."""
     kept = stats["kept"]
     seen = {s for c in kept.values() for s in c} | {s for d in stats["dropped"].values() for c in d.values() for s in c}
     sources = sorted(seen - {"all"})
@@ -366,6 +500,9 @@ def stats_table(stats):
     lines += ["", "| step | dropped because | records |", "|---|---|---|"]
     lines += [f"| {step} | {why} | {c['all']} |"
               for step in STAGES for why, c in sorted(stats["dropped"].get(step, {}).items())]
+    lines += ["", "| step | repaired | records |", "|---|---|---|"]
+    lines += [f"| {step} | {form} | {c['all']} |"
+              for step in STAGES for form, c in sorted(stats["repaired"].get(step, {}).items())]
     lines += ["", "| step | prompt tokens | completion tokens |", "|---|---|---|"]
     lines += [f"| {step} | {t['prompt']} | {t['completion']} |" for step, t in stats["tokens"].items()]
     return "\n".join(lines)
@@ -380,7 +517,8 @@ def build(args):
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
     stats = {"kept": defaultdict(Counter), "dropped": defaultdict(lambda: defaultdict(Counter)),
-             "tokens": defaultdict(Counter), "run": {"calls": 0}}
+             "repaired": defaultdict(lambda: defaultdict(Counter)), "tokens": defaultdict(Counter),
+             "run": {"calls": 0}}
     records = read_build_input(args.input, args.image_root, args.skip_bad, args.limit, stats)
     clients = {}  # one per server
 

@@ -26,9 +26,10 @@ import rewards
 
 # The paper's system prompt, verbatim (its figure), for SFT, GRPO and evaluation alike.
 SYSTEM_PROMPT = (
-    "You are VL-Thinking🤔, a helpful assistant with excellent reasoning ability. A user asks you a question, "
-    "and you should try to solve it. You should first think about the reasoning process in the mind and then "
-    "provides the user with the answer. The reasoning process and answer are enclosed within <think> </think> "
+    "You are VL-Thinking🤔, a helpful assistant with excellent reasoning ability. "
+    "A user asks you a question, and you should try to solve it. "
+    "You should first think about the reasoning process in the mind and then provides the user "
+    "with the answer. The reasoning process and answer are enclosed within <think> </think> "
     "and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
     "<answer> answer here </answer>."
 )
@@ -43,17 +44,18 @@ TASK_INSTRUCTIONS = {
     "open": "Answer the question in a few sentences.",
 }
 
-# The paper's evaluation setting (VLMEvalKit, 256*32*32 pixels per image); not in the paper: we train
-# at the same cap, so that a checkpoint sees images at the size it will be evaluated at.
+# The paper's evaluation setting (VLMEvalKit, 256*32*32 pixels per image); not in the paper: we
+# train at the same cap, so that a checkpoint sees images at the size it will be evaluated at.
 MAX_PIXELS = 256 * 32 * 32
 EVAL_MAX_NEW_TOKENS = 800  # the paper's evaluation setting too
-# The tokens that end an assistant turn in Qwen's chat format: generation stops at them, SFT teaches
-# the first, and a completion runs up to and including the first of either.
+# The tokens that end an assistant turn in Qwen's chat format: generation stops at them, SFT
+# teaches the first, and a completion runs up to and including the first of either.
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
 
 # The paper's step 6: a distilled answer containing one of these (case-insensitive
 # substring) goes to the RL pool, the rest to SFT. Also used to count "aha" phrases.
-AHA_KEYWORDS = ("wait", "again", "double-check", "hmm", "mistake", "alternatively", "check", "i should confirm")
+AHA_KEYWORDS = ("wait", "again", "double-check", "hmm", "mistake", "alternatively", "check",
+                "i should confirm")
 
 
 def has_aha(text):
@@ -65,8 +67,8 @@ def has_aha(text):
 # Loading and validating records
 
 class BadRecord(ValueError):
-    """A record (or file) that cannot be used; `reason` is what is wrong in words shared by every record
-    with the same problem (for --skip-bad's counts), str() the whole message."""
+    """A record (or file) that cannot be used; `reason` is what is wrong in words shared by every
+    record with the same problem (for --skip-bad's counts), str() the whole message."""
 
     def __init__(self, message, reason=None):
         super().__init__(message)
@@ -86,13 +88,14 @@ def read_json_records(path):
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise BadRecord(f"{path}:{lineno}: not valid JSON ({e.msg})", "not valid JSON") from None
+                    message = f"{path}:{lineno}: not valid JSON ({e.msg})"
+                    raise BadRecord(message, "not valid JSON") from None
         return records
 
 
 def read_rows(path):
-    """The rows of a JSON Lines log or cache (none if the file does not exist); unlike a data file, a
-    line cut short by a kill is skipped, not an error."""
+    """The rows of a JSON Lines log or cache (none if the file does not exist); unlike a data file,
+    a line cut short by a kill is skipped, not an error."""
     rows = []
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -113,14 +116,16 @@ def read_hub_records(spec):
 
 
 def check_record(r, image_root, need_answer):
-    """Returns the record normalised (kind, image_paths), or raises BadRecord saying what is wrong."""
+    """The record normalised (kind, image_paths), or raises BadRecord saying what is wrong."""
     if not isinstance(r, dict):
         raise BadRecord("not a JSON object")
     images = r.get("image") if isinstance(r.get("image"), list) else [r.get("image")]
     if not all(isinstance(x, str) and x for x in images) or not images:
         raise BadRecord("missing 'image'")
-    if not (isinstance(r.get("box_image", 0), int) and 0 <= r.get("box_image", 0) < len(images)):
-        raise BadRecord(f"'box_image' {r.get('box_image')!r} is not the index of one of its {len(images)} images")
+    box_image = r.get("box_image", 0)
+    if not (isinstance(box_image, int) and 0 <= box_image < len(images)):
+        raise BadRecord(f"'box_image' {r.get('box_image')!r} is not the index of one of its "
+                        f"{len(images)} images")
     if not isinstance(r.get("question"), str) or not r["question"].strip():
         raise BadRecord("missing or empty 'question'")
     if r.get("gt") is None or (isinstance(r["gt"], str) and not r["gt"].strip()):
@@ -130,7 +135,8 @@ def check_record(r, image_root, need_answer):
         raise BadRecord("missing 'answer' (the SFT target)")
     try:
         kind = rewards.verifier_for(r)
-    except ValueError as e:  # "record 'x': unknown verifier_type 'y'": the reason is its words before the quote
+    except ValueError as e:
+        # "record 'x': unknown verifier_type 'y'": the reason is its words before the quote
         message = str(e).split(": ", 1)[-1]
         raise BadRecord(message, message.split("'")[0].strip()) from None
     # The released files write image paths relative to the image root; one has a leading slash.
@@ -146,7 +152,8 @@ def check_record(r, image_root, need_answer):
     return {**r, "kind": kind, "image_paths": paths, "answer": answer}
 
 
-def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_bad=False, limit=None):
+def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_bad=False,
+                 limit=None):
     """Loads, validates and normalises every record of a VLAA-Thinking file (or hub dataset).
 
     A bad record raises BadRecord naming the file, the record id and what is wrong; with
@@ -176,12 +183,13 @@ def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_b
         try:
             return check_record(r, image_root, need_answer), None
         except BadRecord as e:
-            rid = r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}"
-            return None, (f"{data}: record {rid}: {e}", e.reason)
+            record_id = r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}"
+            return None, (f"{data}: record {record_id}: {e}", e.reason)
 
     with ThreadPoolExecutor(8) as pool:  # image header checks are I/O bound
         results = list(pool.map(check, enumerate(raw)))
-    records, errors = [], []
+    records = []
+    errors = []
     for rec, err in results:
         if err:
             errors.append(err)
@@ -197,14 +205,15 @@ def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_b
         print(f"skipped {len(errors)} bad records of {len(raw)} in {data}: " +
               ", ".join(f"{n} x {r}" for r, n in sorted(reasons.items())))
     if not records:
-        raise BadRecord(f"{data}: no usable records" + (f" of kinds {sorted(kinds)}" if kinds else ""))
+        of_kinds = f" of kinds {sorted(kinds)}" if kinds else ""
+        raise BadRecord(f"{data}: no usable records" + of_kinds)
     return records
 
 
 def load_images(record):
-    """The record's images as RGB, in order: from its checked `image_paths`, else its `image` (a path,
-    bytes, a PIL image, an undecoded Hugging Face image {"bytes", "path"} as benchmark datasets hold
-    them, or a list of these)."""
+    """The record's images as RGB, in order: from its checked `image_paths`, else its `image` (a
+    path, bytes, a PIL image, an undecoded Hugging Face image {"bytes", "path"} as benchmark
+    datasets hold them, or a list of these)."""
     images = record.get("image_paths") or record["image"]
     return [_rgb(x) for x in (images if isinstance(images, list) else [images])]
 
@@ -220,17 +229,26 @@ def _rgb(x):
 
 def image_counts(records):
     """How many images each record has (one placeholder each in its prompt)."""
-    return [len(r["image_paths"]) if "image_paths" in r else len(r["image"]) if isinstance(r["image"], list) else 1
-            for r in records]
+    counts = []
+    for r in records:
+        if "image_paths" in r:
+            counts.append(len(r["image_paths"]))
+        elif isinstance(r["image"], list):
+            counts.append(len(r["image"]))
+        else:
+            counts.append(1)
+    return counts
 
 
 # ----------------------------------------------------------------------------------------
 # Prompts and batches
 
 def build_messages(record):
-    """System prompt, then one user turn: the images first (one placeholder each, in order), then the
-    question + its task instruction (or a benchmark item's own `prompt`, verbatim)."""
-    question = record.get("prompt") or record["question"].strip() + "\n" + TASK_INSTRUCTIONS[record["kind"]]
+    """System prompt, then one user turn: the images first (one placeholder each, in order), then
+    the question + its task instruction (or a benchmark item's own `prompt`, verbatim)."""
+    question = record.get("prompt")
+    if not question:
+        question = record["question"].strip() + "\n" + TASK_INSTRUCTIONS[record["kind"]]
     images = [{"type": "image"}] * image_counts([record])[0]
     return [{"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": images + [{"type": "text", "text": question}]}]
@@ -240,24 +258,29 @@ def prompt_text(processor, record):
     """The chat template's generation prompt, ending where the model's answer starts.
 
     not in the paper (its Qwen2/2.5-VL templates do not do this): Qwen3.5's template, and
-    Qwen3-VL-Thinking's, also open the think block ("...assistant\n<think>\n"). We cut that, so that
-    with every family the completion opens <think> itself, as the SFT answers and the format reward have it."""
-    text = processor.apply_chat_template(build_messages(record), tokenize=False, add_generation_prompt=True)
+    Qwen3-VL-Thinking's, also open the think block ("...assistant\n<think>\n"). We cut that, so
+    that with every family the completion opens <think> itself, as the SFT answers and the format
+    reward have it."""
+    text = processor.apply_chat_template(build_messages(record), tokenize=False,
+                                         add_generation_prompt=True)
     return text.removesuffix("<think>\n")
 
 
 def encode_prompts(processor, records, max_length=None):
     """Left-padded prompts for batched generation (so every prompt ends where generation starts).
     Never truncated: a prompt cut inside its image tokens no longer matches its image features, so
-    one longer than max_length is refused, naming its record. Returns input_ids, attention_mask (B, P),
-    pixel_values (patches of all images, C), image_grid_thw (one row per image, 3)."""
-    batch = processor(text=[prompt_text(processor, r) for r in records], images=[x for r in records for x in load_images(r)],
-                      padding=True, padding_side="left", return_tensors="pt")
+    one longer than max_length is refused, naming its record. Returns input_ids, attention_mask
+    (B, P), pixel_values (patches of all images, C), image_grid_thw (one row per image, 3)."""
+    texts = [prompt_text(processor, r) for r in records]
+    images = [image for r in records for image in load_images(r)]
+    batch = processor(text=texts, images=images, padding=True, padding_side="left",
+                      return_tensors="pt")
     lengths = batch["attention_mask"].sum(1).tolist()
-    for r, n, images in zip(records, lengths, image_counts(records)):
+    for r, n, n_images in zip(records, lengths, image_counts(records)):
         if max_length is not None and n > max_length:
-            raise BadRecord(f"record {r.get('id')}: its prompt has {n} tokens with its {images} image(s), more than "
-                            f"the {max_length} that fit; give the model smaller images (max pixels) or fewer tokens to generate")
+            raise BadRecord(f"record {r.get('id')}: its prompt has {n} tokens with its {n_images} "
+                            f"image(s), more than the {max_length} that fit; give the model "
+                            "smaller images (max pixels) or fewer tokens to generate")
     return batch
 
 
@@ -269,17 +292,21 @@ def encode_sft(processor, records, max_length=None, answer_key="answer"):
     model will see it when it generates after the prompt. An over-long sequence loses the
     end of its answer, never part of its prompt (its image tokens must match its image)."""
     tok = processor.tokenizer
-    prompts = processor(text=[prompt_text(processor, r) for r in records], images=[x for r in records for x in load_images(r)],
-                        padding=True, padding_side="right", return_tensors="pt")
+    texts = [prompt_text(processor, r) for r in records]
+    images = [image for r in records for image in load_images(r)]
+    prompts = processor(text=texts, images=images, padding=True, padding_side="right",
+                        return_tensors="pt")
     end = end_of_turn_ids(tok)[0]
-    rows, labels = [], []
+    rows = []
+    labels = []
     for i, r in enumerate(records):
         prompt = prompts["input_ids"][i][prompts["attention_mask"][i].bool()].tolist()
         answer = tok(r[answer_key].strip(), add_special_tokens=False)["input_ids"] + [end]
         if max_length is not None:
             if len(prompt) >= max_length:
-                raise BadRecord(f"record {r.get('id')}: the prompt alone has {len(prompt)} tokens, at least the "
-                                f"maximum length {max_length}; allow longer sequences or smaller images")
+                raise BadRecord(f"record {r.get('id')}: the prompt alone has {len(prompt)} tokens, "
+                                f"at least the maximum length {max_length}; allow longer sequences "
+                                "or smaller images")
             answer = answer[:max_length - len(prompt)]
         rows.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
@@ -297,7 +324,8 @@ def images_by_prompt(batch, counts):
     """A processor batch's images split by prompt (`counts` images each): per prompt, its images'
     patch rows (patches, C) and grid rows (images, 3)."""
     grids = batch["image_grid_thw"].split(counts)
-    return list(batch["pixel_values"].split([int(g.prod(-1).sum()) for g in grids])), list(grids)
+    patches_per_prompt = [int(g.prod(-1).sum()) for g in grids]
+    return list(batch["pixel_values"].split(patches_per_prompt)), list(grids)
 
 
 def repeat_groups(batch, group_size, counts):
@@ -307,24 +335,31 @@ def repeat_groups(batch, group_size, counts):
     .repeat() would pair prompt i with another prompt's patches whenever B > 1 or images differ
     in size. Split by prompt (`counts` images each), repeat each prompt's G times, concatenate."""
     pixels, grids = images_by_prompt(batch, counts)
-    out = {k: v.repeat_interleave(group_size, dim=0) for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-    return {**out, "pixel_values": torch.cat([p for p in pixels for _ in range(group_size)]),
+    out = {k: v.repeat_interleave(group_size, dim=0)
+           for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    return {**out,
+            "pixel_values": torch.cat([p for p in pixels for _ in range(group_size)]),
             "image_grid_thw": torch.cat([g for g in grids for _ in range(group_size)])}
 
 
 def completion_mask(completion_ids, tokenizer):
-    """(mask, cut): mask is 1 up to and including the first end-of-turn token, 0 after - the tokens a
-    completion consists of; cut says the completion never ended (the token cap). (B, T) -> (B, T), (B,)"""
-    is_end = torch.isin(completion_ids, torch.tensor(end_of_turn_ids(tokenizer), device=completion_ids.device))
+    """(mask, truncated): mask is 1 up to and including the first end-of-turn token, 0 after - the
+    tokens a completion consists of; truncated says the completion never ended (the token cap).
+    (B, T) -> (B, T), (B,)"""
+    end_ids = torch.tensor(end_of_turn_ids(tokenizer), device=completion_ids.device)
+    is_end = torch.isin(completion_ids, end_ids)
     seen_before = (is_end.cumsum(1) - is_end.long()) > 0
     return (~seen_before).float(), ~is_end.any(1)
 
 
 def pad_cat(tensors, value, left=False):
-    """(n_i, L_i) tensors -> (sum n_i, max L_i), each padded with `value` on the left or the right."""
+    """(n_i, L_i) tensors -> (sum n_i, max L_i), each padded with `value` on the left or right."""
     width = max(t.shape[1] for t in tensors)
-    return torch.cat([F.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=value)
-                      for t in tensors])
+    padded = []
+    for t in tensors:
+        missing = width - t.shape[1]
+        padded.append(F.pad(t, (missing, 0) if left else (0, missing), value=value))
+    return torch.cat(padded)
 
 
 def mm_token_types(processor, input_ids):
@@ -341,7 +376,8 @@ def check_image_tokens(input_ids, image_grid_thw, image_token_id, merge_size=2):
     expected = int((image_grid_thw.prod(-1) // merge_size ** 2).sum())
     found = int((input_ids == image_token_id).sum())
     if found != expected:
-        raise RuntimeError(f"{found} image tokens in the batch but image_grid_thw implies {expected}")
+        raise RuntimeError(f"{found} image tokens in the batch but image_grid_thw implies "
+                           f"{expected}")
 
 
 def end_of_turn_ids(tokenizer):
@@ -349,26 +385,28 @@ def end_of_turn_ids(tokenizer):
 
 
 def image_size(processor, grid):
-    """(width, height) in pixels of the resized image the model saw, from its (t, h, w) patch grid."""
+    """(width, height) in pixels of the resized image the model saw, from its (t, h, w) grid."""
     patch = processor.image_processor.patch_size  # 14 in Qwen2/2.5-VL, 16 in Qwen3-VL and Qwen3.5
     return int(grid[2]) * patch, int(grid[1]) * patch
 
 
 def box_frame(processor, record, grids):
-    """What rewards.iou_reward needs to read a box the model writes about `record` (whose images had the
-    patch grids `grids`, (images, 3)): the box's image is the record's `box_image` (default the first).
-    Qwen2.5-VL writes absolute pixels of the resized image it saw: its (width, height). Qwen2-VL, Qwen3-VL
-    and Qwen3.5 write a 0-1000 grid of it: None, which is how iou_reward reads a box given no size."""
+    """What rewards.iou_reward needs to read a box the model writes about `record` (whose images
+    had the patch grids `grids`, (images, 3)): the box's image is the record's `box_image`
+    (default the first). Qwen2.5-VL writes absolute pixels of the resized image it saw: its
+    (width, height). Qwen2-VL, Qwen3-VL and Qwen3.5 write a 0-1000 grid of it: None, which is how
+    iou_reward reads a box given no size."""
     if type(processor).__name__ != "Qwen2_5_VLProcessor":
         return None
     return image_size(processor, grids[record.get("box_image", 0)])
 
 
 def step_indices(n_records, batch_size, step, seed, rank, world):
-    """The records rank `rank` takes at optimizer/rollout step `step`: a fixed function of (seed, epoch,
-    step), so a resumed run sees exactly the samples an uninterrupted one would. Each epoch is a new
-    permutation; step s of it takes the global batch perm[s*B:(s+1)*B], and rank r every world-th
-    record of it, so every rank gets the same number and no record is seen twice in an epoch."""
+    """The records rank `rank` takes at optimizer/rollout step `step`: a fixed function of (seed,
+    epoch, step), so a resumed run sees exactly the samples an uninterrupted one would. Each epoch
+    is a new permutation; step s of it takes the global batch perm[s*B:(s+1)*B], and rank r every
+    world-th record of it, so every rank gets the same number and no record is seen twice in an
+    epoch."""
     epoch, pos = divmod(step, n_records // batch_size)
     order = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed + epoch))
     return order[pos * batch_size:(pos + 1) * batch_size][rank::world].tolist()

@@ -2,22 +2,23 @@
 eval.py - did the run beat the base model? The paper's six benchmarks (its Table 4), the toy test
 split, comparison tables, response length and "aha" phrases, training curves.
 
-    python eval.py                          # toy: the toy policy, out/sft, out/grpo (where trained), toy test split
-    python eval.py plot out/sft out/grpo    # reward and response length against step (the paper's Figure 6)
-    python eval.py aha out/grpo             # aha phrases in a GRPO run's logged rollouts, over steps
-    accelerate launch --num_processes 8 eval.py --model out/grpo-3b --model Qwen/Qwen2.5-VL-3B-Instruct \\
-        --benchmarks all --bench-root benchmarks/
+    python eval.py                        # toy split: toy policy, out/sft, out/grpo (if trained)
+    python eval.py plot out/sft out/grpo  # reward and response length by step (paper's Figure 6)
+    python eval.py aha out/grpo           # aha phrases in a GRPO run's logged rollouts, by step
+    accelerate launch --num_processes 8 eval.py --model out/grpo-3b \\
+        --model Qwen/Qwen2.5-VL-3B-Instruct --benchmarks all --bench-root benchmarks/
 
 As the paper (which used VLMEvalKit): the training system prompt, image before text; greedy; 800
 new tokens; images capped at 256*32*32 pixels; the answer is the content of the single <answer>
 block, else the whole response (the authors' wrapper); accuracy, DynaMath's worst case over the
 variants of a seed and We-Math's strict score. Responses are appended to
 <output-dir>/<model>/<benchmark>.jsonl as they come; a rerun skips the ids already there (and
-starts over when the checkpoint or the generation settings changed). On the toy split the score is
-the held-out accuracy of grpo.py (plumbing.accuracy_by_kind: the mean reward of the greedy answer, the
-format gate included), so the two agree on the same checkpoint.
+starts over when the checkpoint or the generation settings changed). On the toy split the score
+is the held-out accuracy of grpo.py (plumbing.accuracy_by_kind: the mean reward of the greedy
+answer, the format gate included), so the two agree on the same checkpoint.
 
-The six benchmarks' loaders and scoring rules, and how scoring departs from VLMEvalKit: benchmarks.py.
+The six benchmarks' loaders and scoring rules, and how scoring departs from VLMEvalKit:
+benchmarks.py.
 """
 import argparse
 import glob
@@ -36,35 +37,46 @@ import data
 import plumbing
 import rewards
 import toy
-from benchmarks import BENCHMARKS, answer_text, dynamath_scores, make_judge, match, read_benchmark, wemath_scores
+from benchmarks import (BENCHMARKS, answer_text, dynamath_scores, make_judge, match, read_benchmark,
+                        wemath_scores)
 
 PAPER = dict(max_new_tokens=data.EVAL_MAX_NEW_TOKENS, batch_size=16)  # the batch size: ours
 TOY = dict(max_new_tokens=toy.EVAL_MAX_NEW_TOKENS, batch_size=64)
-TOY_KINDS = ("digit", "mcq", "math", "iou")       # "open" needs a reward model; not a rule-scored accuracy
-# The paper's step-6 keywords plus the phrases its GRPO analysis counts. Substrings, case-insensitive,
-# as in the paper: "check" also counts inside "double-check".
-AHA_PHRASES = tuple(dict.fromkeys(data.AHA_KEYWORDS + ("double-check", "alternatively", "i should check", "wait")))
+# "open" needs a reward model: it has no rule-scored accuracy
+TOY_KINDS = ("digit", "mcq", "math", "iou")
+# The paper's step-6 keywords plus the phrases its GRPO analysis counts. Substrings,
+# case-insensitive, as in the paper: "check" also counts inside "double-check".
+GRPO_ANALYSIS_PHRASES = ("double-check", "alternatively", "i should check", "wait")
+AHA_PHRASES = tuple(dict.fromkeys(data.AHA_KEYWORDS + GRPO_ANALYSIS_PHRASES))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", action="append", help="checkpoint, run dir, hub id or 'toy'/'toy-base'; repeat to compare; "
-      "'label=path' names a row (default: the toy policy, out/sft and out/grpo where they exist)")
-    a("--benchmarks", default="toy", help="comma list of toy," + ",".join(BENCHMARKS) + ", or 'all' (the six)")
-    a("--bench-root", default=None, help="local copies: <root>/<name>.{tsv,json,jsonl} or <root>/<name>/<its "
-      "file>; a benchmark not found there is loaded from the Hugging Face hub")
+    a("--model", action="append",
+      help="checkpoint, run dir, hub id or 'toy'/'toy-base'; repeat to compare; 'label=path' names "
+      "a row (default: the toy policy, out/sft and out/grpo where they exist)")
+    a("--benchmarks", default="toy",
+      help="comma list of toy," + ",".join(BENCHMARKS) + ", or 'all' (the six)")
+    a("--bench-root", default=None,
+      help="local copies: <root>/<name>.{tsv,json,jsonl} or <root>/<name>/<its file>; a benchmark "
+      "not found there is loaded from the Hugging Face hub")
     a("--output-dir", default="out/eval")
     a("--limit", type=int, default=None, help="first N items of each benchmark, for a quick look")
-    a("--max-new-tokens", type=int, default=None, help=f"[paper: {PAPER['max_new_tokens']}; toy: {TOY['max_new_tokens']}]")
-    a("--max-pixels", type=int, default=data.MAX_PIXELS, help="image pixel cap (paper: %(default)s)")
+    a("--max-new-tokens", type=int, default=None,
+      help=f"[paper: {PAPER['max_new_tokens']}; toy: {TOY['max_new_tokens']}]")
+    a("--max-pixels", type=int, default=data.MAX_PIXELS,
+      help="image pixel cap (paper: %(default)s)")
     a("--min-pixels", type=int, default=None)
     a("--batch-size", type=int, default=None, help="prompts per generate() call on a rank "
       f"[real: {PAPER['batch_size']}; toy: {TOY['batch_size']}]")
-    a("--judge-url", default=None, help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (default: "
-      "no judge, rules only)")
+    a("--judge-url", default=None,
+      help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (default: no judge, "
+      "rules only)")
     a("--judge-model", default="gpt-4o-mini", help="VLMEvalKit's default judge")
-    a("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
+    a("--judge-key-env", default="OPENAI_API_KEY",
+      help="environment variable holding the judge's API key")
     a("--trust-remote-code", action="store_true")
     a("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -74,15 +86,18 @@ def parse_args(argv=None):
     return args
 
 # ----------------------------------------------------------------------------------------
-# Items: the toy test split, or a benchmark through its loader in benchmarks.py (which lists an item's fields)
+# Items: the toy test split, or a benchmark through its loader in benchmarks.py (which lists an
+# item's fields)
 
 def load_benchmark(name, root=None, limit=None):
     """The items of one benchmark ("toy": the toy test split), grouped problems kept together."""
     if name == "toy":  # the records themselves: prompted as in training (data.build_messages)
         items = [r for r in data.load_records(*toy.data_path("test")) if r["kind"] in TOY_KINDS]
     else:
-        items = [it for r in read_benchmark(name, root) if (it := BENCHMARKS[name]["item"](r)) is not None]
-        items.sort(key=lambda it: it.get("group", ""))  # stable: --limit takes whole seeds / problem groups
+        to_item = BENCHMARKS[name]["item"]
+        items = [it for r in read_benchmark(name, root) if (it := to_item(r)) is not None]
+        # stable: --limit takes whole seeds / problem groups
+        items.sort(key=lambda it: it.get("group", ""))
     ids = [it["id"] for it in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{name}: duplicate item ids")
@@ -98,9 +113,11 @@ def generate_missing(model, processor, items, path, args, accelerator):
     accelerator.wait_for_everyone()  # every rank has read the file before it grows
     todo = [it for it in items if it["id"] not in done]
     batches = math.ceil(math.ceil(len(todo) / accelerator.num_processes) / args.batch_size)
+    answers = plumbing.greedy_answers(model, processor, todo, accelerator, args.batch_size,
+                                      args.max_new_tokens)
+    quiet = args.quiet or not accelerator.is_main_process
     with open(path, "a", encoding="utf-8") if accelerator.is_main_process else nullcontext() as f:
-        for rows in tqdm(plumbing.greedy_answers(model, processor, todo, accelerator, args.batch_size, args.max_new_tokens),
-                         total=batches, desc=os.path.basename(path), disable=args.quiet or not accelerator.is_main_process):
+        for rows in tqdm(answers, total=batches, desc=os.path.basename(path), disable=quiet):
             if accelerator.is_main_process:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
                 f.flush()
@@ -115,7 +132,8 @@ def start_over_if_stale(model_dir, settings, accelerator):
         if old != settings:
             stale = glob.glob(os.path.join(model_dir, "*.jsonl"))
             if stale:
-                print(f"{model_dir}: responses came from another checkpoint or settings; generating again")
+                print(f"{model_dir}: responses came from another checkpoint or settings; "
+                      "generating again")
             for p in stale:
                 os.remove(p)
             with open(path, "w") as f:
@@ -129,13 +147,19 @@ def score(name, items, rows, judge=None):
     """(summary, per-item results) of one benchmark from its generated rows {id: row}."""
     if name == "toy":  # grpo.py's held-out accuracy: the format-gated reward, mean IoU for boxes
         scores = plumbing.heldout_scores([rows[it["id"]] for it in items], items)
-        results = [dict(id=it["id"], answer=it["gt"], pred=rewards.extract_answer(rows[it["id"]]["response"]), score=s)
-                   for it, s in zip(items, scores)]
+        results = []
+        for it, s in zip(items, scores):
+            pred = rewards.extract_answer(rows[it["id"]]["response"])
+            results.append(dict(id=it["id"], answer=it["gt"], pred=pred, score=s))
     else:  # the authors' answer rule, then each benchmark's scoring rule
-        results = [dict(id=it["id"], answer=it["answer"], pred=answer_text(rows[it["id"]]["response"])) for it in items]
+        results = []
+        for it in items:
+            pred = answer_text(rows[it["id"]]["response"])
+            results.append(dict(id=it["id"], answer=it["answer"], pred=pred))
         for it, r in zip(items, results):
             r["score"] = match(it, r["pred"], rows[it["id"]].get("image_size"))
-    if judge and name != "toy":  # like VLMEvalKit: rules first, the LLM only where they did not find the right answer
+    # like VLMEvalKit: rules first, the LLM only where they did not find the right answer
+    if judge and name != "toy":
         misses = [(it, r) for it, r in zip(items, results) if r["score"] < 1]
         with ThreadPoolExecutor(8) as pool:
             extracted = list(pool.map(lambda m: judge(m[0], m[1]["pred"]), misses))
@@ -143,8 +167,9 @@ def score(name, items, rows, judge=None):
             if pred:
                 r.update(judged=pred, score=match(it, pred, rows[it["id"]].get("image_size")))
     scores = [r["score"] for r in results]
+    lengths = [rows[it["id"]]["length"] for it in items]
     summary = dict(n=len(scores), accuracy=100 * sum(scores) / len(scores),
-                   response_length_mean=sum(rows[it["id"]]["length"] for it in items) / len(items))
+                   response_length_mean=sum(lengths) / len(items))
     if name == "dynamath":
         summary.update(dynamath_scores([(it["group"], s) for it, s in zip(items, scores)]))
     elif name == "wemath":
@@ -159,7 +184,8 @@ def score(name, items, rows, judge=None):
 
 
 def aha_counts(texts):
-    """Responses with any aha keyword (data.has_aha, the paper's step 6), and each phrase's count."""
+    """Responses with any aha keyword (data.has_aha, the paper's step 6), and each phrase's
+    count."""
     lowered = [t.lower() for t in texts]
     return dict(responses=len(texts), with_aha=sum(map(data.has_aha, texts)),
                 **{p: sum(t.count(p) for t in lowered) for p in AHA_PHRASES})
@@ -170,7 +196,8 @@ def title(name):
 
 
 def markdown(header, rows):
-    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [header, ["---"] * len(header)] + rows)
+    lines = [header, ["---"] * len(header)] + rows
+    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in lines)
 
 
 def make_table(summaries, benchmarks):
@@ -179,23 +206,32 @@ def make_table(summaries, benchmarks):
     columns = [(b, k, k) for b in benchmarks if b == "toy" for k in TOY_KINDS]
     columns += [(b, "score", "toy overall" if b == "toy" else title(b)) for b in benchmarks]
     real = [b for b in benchmarks if b != "toy"]
+    with_average = len(real) > 1
     rows = []
-    for label, s in summaries.items():
-        cells = ["-" if s["benchmarks"][b][k] is None else f"{s['benchmarks'][b][k]:.1f}" for b, k, _ in columns]
-        average = [f"{sum(s['benchmarks'][b]['score'] for b in real) / len(real):.1f}"] if len(real) > 1 else []
-        rows.append([label] + cells + average)
-    return markdown(["model"] + [c[2] for c in columns] + (["Avg"] if len(real) > 1 else []), rows)
+    for label, summary in summaries.items():
+        by_benchmark = summary["benchmarks"]
+        cells = ["-" if by_benchmark[b][k] is None else f"{by_benchmark[b][k]:.1f}"
+                 for b, k, _ in columns]
+        if with_average:
+            average = sum(by_benchmark[b]["score"] for b in real) / len(real)
+            cells.append(f"{average:.1f}")
+        rows.append([label] + cells)
+    header = ["model"] + [heading for _, _, heading in columns] + (["Avg"] if with_average else [])
+    return markdown(header, rows)
 
 
 def behaviour_table(summaries):
-    """Per model, over all its responses: mean length, how many hit the token cap, how many have the
-    training format (<think>...</think><answer>...</answer>), and the aha phrases."""
+    """Per model, over all its responses: mean length, how many hit the token cap, how many have
+    the training format (<think>...</think><answer>...</answer>), and the aha phrases."""
     rows = []
-    for label, s in summaries.items():
-        n = s["aha"]["responses"]
-        rows.append([label, f"{s['response_length_mean']:.1f}", f"{s['truncated']}/{n}", f"{s['well_formed']}/{n}",
-                     f"{s['aha']['with_aha']}/{n}"] + [s["aha"][p] for p in AHA_PHRASES])
-    return markdown(["model", "mean length (tokens)", "truncated", "well-formed", "with aha"] + list(AHA_PHRASES), rows)
+    for label, summary in summaries.items():
+        aha = summary["aha"]
+        n = aha["responses"]
+        rows.append([label, f"{summary['response_length_mean']:.1f}",
+                     f"{summary['truncated']}/{n}", f"{summary['well_formed']}/{n}",
+                     f"{aha['with_aha']}/{n}"] + [aha[p] for p in AHA_PHRASES])
+    header = ["model", "mean length (tokens)", "truncated", "well-formed", "with aha"]
+    return markdown(header + list(AHA_PHRASES), rows)
 
 # ----------------------------------------------------------------------------------------
 # Training runs: curves (paper Fig. 6) and aha phrases over steps
@@ -206,27 +242,32 @@ def plot_runs(run_dirs, out_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = {os.path.basename(os.path.normpath(d)): data.read_rows(os.path.join(d, "metrics.jsonl")) for d in run_dirs}
-    panels = [("reward_mean", "training reward (mean)"), ("response_length_mean", "response length (tokens)")]
+    runs = {}
+    for run_dir in run_dirs:
+        name = os.path.basename(os.path.normpath(run_dir))
+        runs[name] = data.read_rows(os.path.join(run_dir, "metrics.jsonl"))
+    panels = [("reward_mean", "training reward (mean)"),
+              ("response_length_mean", "response length (tokens)")]
     no_reward = [name for name, rows in runs.items() if not any("reward_mean" in r for r in rows)]
     if no_reward:
         panels.append(("loss", "SFT loss (runs without a reward)"))
     colour = {name: f"C{i}" for i, name in enumerate(runs)}  # a run keeps its colour in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, (key, name_) in zip(axes[0], panels):
+    for ax, (key, panel_title) in zip(axes[0], panels):
         for name, rows in runs.items():
             if key == "loss" and name not in no_reward:
                 continue  # a GRPO run's policy loss is no SFT loss
             points = [(r["step"], r[key]) for r in rows if key in r]
             if not points:
-                print(f"plot: {name} has no {key}; left out of the {name_!r} panel")
+                print(f"plot: {name} has no {key}; left out of the {panel_title!r} panel")
                 continue
             steps, ys = zip(*points)
-            k = max(1, len(ys) // 20)  # a moving average over 5% of the run, the raw values faint behind it
-            windows = [ys[max(0, i - k + 1):i + 1] for i in range(len(ys))]
+            # a moving average over 5% of the run, the raw values faint behind it
+            span = max(1, len(ys) // 20)
+            windows = [ys[max(0, i - span + 1):i + 1] for i in range(len(ys))]
             ax.plot(steps, ys, color=colour[name], alpha=0.25)
             ax.plot(steps, [sum(w) / len(w) for w in windows], color=colour[name], label=name)
-        ax.set(title=name_, xlabel="step")
+        ax.set(title=panel_title, xlabel="step")
         ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -235,74 +276,94 @@ def plot_runs(run_dirs, out_path):
     return out_path
 
 
+def logged_texts(row):
+    """The completions of a rollouts.jsonl row: a whole group's, or one (the older format)."""
+    return [c["text"] for c in row["completions"]] if "completions" in row else [row["response"]]
+
+
 def rollout_aha(run_dir, bins=10):
     """Aha phrases in a GRPO run's logged rollouts, per bin of steps, with the mean response length
     (tokens, over all samples) from its metrics.jsonl. Returns a Markdown table."""
     rollouts = data.read_rows(os.path.join(run_dir, "rollouts.jsonl"))
-    lengths = {r["step"]: r["response_length_mean"] for r in data.read_rows(os.path.join(run_dir, "metrics.jsonl"))
-               if "response_length_mean" in r}
+    metrics = data.read_rows(os.path.join(run_dir, "metrics.jsonl"))
+    lengths = {r["step"]: r["response_length_mean"] for r in metrics if "response_length_mean" in r}
     steps = sorted({r["step"] for r in rollouts})
     if not steps:
         return f"{run_dir}: no rollouts.jsonl"
-    rows, width = [], math.ceil(len(steps) / bins)
+    width = math.ceil(len(steps) / bins)
+    rows = []
     for i in range(0, len(steps), width):
         span = steps[i:i + width]
-        aha = aha_counts([r["response"] for r in rollouts if span[0] <= r["step"] <= span[-1]])
+        in_span = [r for r in rollouts if span[0] <= r["step"] <= span[-1]]
+        aha = aha_counts([text for r in in_span for text in logged_texts(r)])
         length = [lengths[s] for s in span if s in lengths]
-        rows.append([f"{span[0]}-{span[-1]}", f"{sum(length) / len(length):.1f}" if length else "-", aha["responses"],
-                     aha["with_aha"]] + [aha[p] for p in AHA_PHRASES])
-    return markdown(["steps", "mean length (tokens)", "rollouts logged", "with aha"] + list(AHA_PHRASES), rows)
+        mean_length = f"{sum(length) / len(length):.1f}" if length else "-"
+        rows.append([f"{span[0]}-{span[-1]}", mean_length, aha["responses"], aha["with_aha"]]
+                    + [aha[p] for p in AHA_PHRASES])
+    header = ["steps", "mean length (tokens)", "rollouts logged", "with aha"]
+    return markdown(header + list(AHA_PHRASES), rows)
 
 # ----------------------------------------------------------------------------------------
 
 def default_models():
-    """The toy checkpoints: the toy policy (built on first use), and out/sft, out/grpo when trained."""
+    """The toy checkpoints: the toy policy (built on first use), and out/sft, out/grpo when
+    trained."""
     return ["toy"] + [d for d in ("out/sft", "out/grpo") if plumbing.resolve_checkpoint(d) != d]
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plot"]:
-        p = argparse.ArgumentParser(prog="eval.py plot", description="training curves of runs (paper Fig. 6)")
+        p = argparse.ArgumentParser(prog="eval.py plot",
+                                    description="training curves of runs (paper Fig. 6)")
         p.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
         p.add_argument("--out", default="out/eval/training_curves.png")
-        a = p.parse_args(argv[1:])
-        print(f"wrote {plot_runs(a.runs, a.out)}")
+        plot_args = p.parse_args(argv[1:])
+        print(f"wrote {plot_runs(plot_args.runs, plot_args.out)}")
         return None
     if argv[:1] == ["aha"]:
-        p = argparse.ArgumentParser(prog="eval.py aha", description="aha phrases in GRPO rollouts over steps")
+        p = argparse.ArgumentParser(prog="eval.py aha",
+                                    description="aha phrases in GRPO rollouts over steps")
         p.add_argument("runs", nargs="+", help="GRPO run directories holding rollouts.jsonl")
         p.add_argument("--bins", type=int, default=10)
-        a = p.parse_args(argv[1:])
-        for run in a.runs:
-            print(f"\n{run}\n{rollout_aha(run, a.bins)}")
+        aha_args = p.parse_args(argv[1:])
+        for run in aha_args.runs:
+            print(f"\n{run}\n{rollout_aha(run, aha_args.bins)}")
         return None
     args = parse_args(argv)
     accelerator = Accelerator()
     benchmarks = list(BENCHMARKS) if args.benchmarks == "all" else args.benchmarks.split(",")
     with accelerator.main_process_first():  # the toy data is built once
         items = {b: load_benchmark(b, args.bench_root, args.limit) for b in benchmarks}
-    judge = make_judge(args.judge_url, args.judge_model, args.judge_key_env) if args.judge_url else None
-    scoring = f"rules, then the LLM judge {args.judge_model} on misses" if judge else "rules (offline)"
+    judge = None
+    if args.judge_url:
+        judge = make_judge(args.judge_url, args.judge_model, args.judge_key_env)
+    scoring = "rules (offline)"
+    if judge:
+        scoring = f"rules, then the LLM judge {args.judge_model} on misses"
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     models = [spec.rpartition("=") for spec in args.model or default_models()]  # (label, "=", path)
-    models = [(label or os.path.basename(os.path.normpath(path)), path) for label, _, path in models]
+    models = [(label or os.path.basename(os.path.normpath(path)), path)
+              for label, _, path in models]
     if len({label for label, _ in models}) < len(models):
         raise plumbing.UserError("two --model share a name; name them with label=path")
     checkpoints = {}
     for label, path in models:  # 1. generate (every rank)
         with accelerator.main_process_first():  # the toy policy is built once
-            checkpoints[label] = checkpoint = plumbing.resolve_checkpoint(toy.resolve_model(path))
+            checkpoint = plumbing.resolve_checkpoint(toy.resolve_model(path))
+        checkpoints[label] = checkpoint
         config = os.path.join(checkpoint, "config.json")
-        settings = dict(checkpoint=checkpoint, saved=os.path.getmtime(config) if os.path.exists(config) else None,
-                        max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+        saved = os.path.getmtime(config) if os.path.exists(config) else None
+        settings = dict(checkpoint=checkpoint, saved=saved, max_new_tokens=args.max_new_tokens,
+                        max_pixels=args.max_pixels, min_pixels=args.min_pixels)
         start_over_if_stale(os.path.join(args.output_dir, label), settings, accelerator)
         model, processor = plumbing.load_model(checkpoint, dtype=dtype, min_pixels=args.min_pixels,
-                                           max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
+                                               max_pixels=args.max_pixels,
+                                               trust_remote_code=args.trust_remote_code)
         model.to(accelerator.device).eval()
         for b in benchmarks:
-            generate_missing(model, processor, items[b], os.path.join(args.output_dir, label, f"{b}.jsonl"), args,
-                             accelerator)
+            responses_path = os.path.join(args.output_dir, label, f"{b}.jsonl")
+            generate_missing(model, processor, items[b], responses_path, args, accelerator)
         del model
     accelerator.end_training()
     if not accelerator.is_main_process:
@@ -310,7 +371,8 @@ def main(argv=None):
     summaries = {}
     for label, path in models:  # 2. score (the main process alone; the other ranks are done)
         out_dir = os.path.join(args.output_dir, label)
-        summary, responses = dict(model=path, checkpoint=checkpoints[label], scoring=scoring, benchmarks={}), []
+        summary = dict(model=path, checkpoint=checkpoints[label], scoring=scoring, benchmarks={})
+        responses = []
         for b in benchmarks:
             rows = {row["id"]: row for row in data.read_rows(os.path.join(out_dir, f"{b}.jsonl"))}
             summary["benchmarks"][b], results = score(b, items[b], rows, judge)
@@ -324,10 +386,11 @@ def main(argv=None):
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         summaries[label] = summary
-    notes = [f"scoring: {scoring}; {', '.join(f'{title(b)} {len(items[b])} items' for b in benchmarks)}"]
+    counts = ", ".join(f"{title(b)} {len(items[b])} items" for b in benchmarks)
+    notes = [f"scoring: {scoring}; {counts}"]
     if "toy" in benchmarks:
-        notes.append("toy: accuracy in % per verifier kind (iou: mean IoU x 100); 'open' records are skipped "
-                     "(they need a reward model)")
+        notes.append("toy: accuracy in % per verifier kind (iou: mean IoU x 100); "
+                     "'open' records are skipped (they need a reward model)")
     report = "\n\n".join([make_table(summaries, benchmarks), behaviour_table(summaries)] + notes)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(report + "\n")

@@ -17,9 +17,12 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
+from accelerate.utils import DistributedType
 from torch.distributed.fsdp import FSDPModule
+from tqdm import tqdm
 
 import data
 import rewards
@@ -141,6 +144,80 @@ def load_policy(args, accelerator, freeze_vision, weight_decay=0.0):
     return model, processor, optimizer, params, path
 
 
+@dataclass
+class Setup:
+    """The handles grpo.py's steps work with, made once by setup_grpo()."""
+    args: argparse.Namespace
+    accelerator: object
+    records: list              # the training records
+    eval_records: list         # held-out records (None: no held-out score)
+    model: torch.nn.Module     # the policy as accelerate prepared it (DDP, FSDP): forward, backward
+    policy: torch.nn.Module    # the same weights, bare: generate() lives there
+    processor: object
+    optimizer: torch.optim.Optimizer
+    params: list               # the trainable parameters (FSDP's sharded ones)
+    micro: int                 # samples per forward on a rank
+    total_steps: int           # rollout steps (the paper: one pass over the data, 49 steps)
+    updates: int               # optimizer updates per rollout step
+    synced_gpus: bool          # FSDP/ZeRO-3: every rank generates until all ranks are done
+    max_prompt: int            # prompt tokens that fit beside the completion
+    reference: torch.nn.Module = None  # the frozen start policy, only with the KL term
+    scorer: object = None              # the open-ended reward model, only for open records
+
+
+def setup_grpo(args):
+    """The accelerator, the data, the policy and its optimizer, the frozen reference (only with
+    the KL term) and the open-ended reward model (only when the data has open records)."""
+    acc = start(args, "grpo")
+    world = acc.num_processes
+    samples = args.rollout_batch_size * args.num_generations
+    local_train = args.train_batch_size // world
+    if args.rollout_batch_size % world or args.train_batch_size % world \
+            or samples % args.train_batch_size:
+        raise UserError(f"--rollout-batch-size ({args.rollout_batch_size}) and --train-batch-size "
+                        f"({args.train_batch_size}) must divide by the {world} processes, and "
+                        f"rollout x G ({samples}) by --train-batch-size")
+    micro = args.micro_batch_size or local_train
+    if local_train % micro:
+        raise UserError(f"the train batch per rank ({local_train}) must be a multiple of "
+                        "--micro-batch-size")
+    records = load_split(args, acc, "rl")
+    if len(records) < args.rollout_batch_size:
+        raise UserError(f"{len(records)} records is less than one rollout batch of "
+                        f"{args.rollout_batch_size}")
+    eval_records = None
+    if args.eval_data:  # rule-scored kinds only: no reward model needed
+        held_out = argparse.Namespace(**{**vars(args), "data": args.eval_data, "skip_bad": False})
+        split = load_split(held_out, acc, "test", limit=args.eval_limit)
+        eval_records = [r for r in split if r["kind"] != "open"]
+    model, processor, optimizer, params, path = load_policy(args, acc, args.freeze_vision)
+    policy = acc.unwrap_model(model)
+    text_config = getattr(policy.config, "text_config", policy.config)
+    s = Setup(args, acc, records, eval_records, model, policy, processor, optimizer, params,
+              micro=micro, total_steps=args.max_steps or len(records) // args.rollout_batch_size,
+              updates=args.epochs * samples // args.train_batch_size,
+              synced_gpus=acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED),
+              max_prompt=text_config.max_position_embeddings - args.max_new_tokens)
+    if args.kl_coef > 0 or args.kl_target is not None:
+        s.reference = load_reference(path, acc, args.trust_remote_code)
+    if any(r["kind"] == "open" for r in records):
+        if not args.reward_model:
+            raise UserError(f"{args.data} has open-ended records: pass --reward-model, or "
+                            "--kinds without 'open'")
+        s.scorer = rewards.load_scorer(args.reward_model, trust_remote_code=args.trust_remote_code,
+                                       device=acc.device)
+    return s
+
+
+def load_reference(path, accelerator, trust_remote_code=False):
+    """A frozen copy of the starting policy for the KL term: bf16 on GPU (half the memory of
+    fp32), fp32 on CPU; placed by accelerate for inference."""
+    dtype = torch.bfloat16 if accelerator.device.type == "cuda" else None
+    model, _ = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = model.requires_grad_(False).eval()
+    return accelerator.prepare_model(model, evaluation_mode=True)
+
+
 def clock(device):
     if device.type == "cuda":
         torch.cuda.synchronize()  # the GPU runs ahead of Python: time what it did, not what was queued
@@ -169,8 +246,14 @@ def load_model(name, dtype=None, min_pixels=None, max_pixels=None, trust_remote_
 def can_share_prompts(model):
     """Whether a prompt's KV cache may be copied for each of its samples' completions (grpo.token_logprobs).
     Not with linear-attention layers (Qwen3.5's), whose cache is a running state updated in place."""
-    config = getattr(model.config, "text_config", model.config)
+    config = bare(model).config
+    config = getattr(config, "text_config", config)
     return "linear_attention" not in (getattr(config, "layer_types", None) or [])
+
+
+def bare(model):
+    """The model inside a DDP wrapper (FSDP2 shards the model in place: no wrapper)."""
+    return getattr(model, "module", model)
 
 
 def freeze_vision_tower(model):
@@ -244,6 +327,40 @@ def encoder_outputs(features):
     return {"image": BaseModelOutputWithDeepstackFeatures(pooler_output=pooled, deepstack_features=deep or None)}
 
 
+def shared_prompt_logprobs(model, ro, rows, temperature):
+    """grpo.token_logprobs of the rows `rows` of a grpo.Rollout `ro`, faster (not in the paper:
+    the same numbers, tested equal to float32 tolerance). A short-answer VLM sample is mostly prompt, the same for all G samples of a
+    group: run each distinct prompt among `rows` once, copy its KV cache for each of its
+    samples, and run their completions on it, with the positions of the whole rows (the
+    model's M-RoPE positions of (prompt | completion)). Not for linear-attention layers
+    (Qwen3.5), whose cache is a running state (plumbing.can_share_prompts)."""
+    prompts, index = torch.unique(rows // ro.G, return_inverse=True)       # (p,), (b,)
+    first = int(ro.prompt_mask[prompts].any(0).int().argmax())           # left padding all share
+    prompt_ids = ro.prompt_ids[prompts, first:]                            # (p, P)
+    prompt_mask = ro.prompt_mask[prompts, first:]
+    T = int(ro.completion_mask[rows].sum(1).max())
+    completion_ids = ro.completion_ids[rows, :T]                           # (b, T)
+    input_ids = torch.cat([prompt_ids[index], completion_ids], 1)         # (b, P+T)
+    attention_mask = torch.cat([prompt_mask[index], ro.completion_mask[rows, :T].long()], 1)
+    types = torch.cat([ro.prompt_types[prompts, first:][index],
+                       torch.zeros_like(completion_ids)], 1)
+    grids = torch.cat([ro.grids[p] for p in prompts[index].tolist()])
+    rope_index = bare(model).model.get_rope_index
+    positions = rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=grids,
+                           attention_mask=attention_mask)[0]              # (3, b, P+T)
+    P = prompt_ids.shape[1]
+    firsts = [int((index == k).nonzero()[0]) for k in range(len(prompts))]  # a row per prompt
+    head = model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                 mm_token_type_ids=types[firsts, :P], position_ids=positions[:, firsts, :P],
+                 **ro.images(prompts.tolist()), use_cache=True,
+                 logits_to_keep=1)                                        # (p, 1, V): o_0
+    head.cache.batch_select_indices(index.to(head.logits.device))         # each row's prompt
+    tail = model(input_ids=completion_ids, attention_mask=attention_mask,
+                 position_ids=positions[:, :, P:], cache=head.cache)      # (b, T, V): o_1..o_T
+    logits = torch.cat([head.logits[index], tail.logits[:, :-1]], 1).float() / temperature
+    return logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
 @torch.no_grad()
 def greedy_answers(model, processor, records, accelerator, batch_size, max_new_tokens, synced_gpus=False):
     """Greedy responses to records (data.py's prompts), sharded over ranks; yields, one batch at a time,
@@ -288,11 +405,14 @@ def accuracy_by_kind(rows, records):
     return {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
 
 
-def heldout_accuracy(model, processor, records, accelerator, batch_size, max_new_tokens, synced_gpus=False):
-    """accuracy_by_kind of greedy answers to `records`, sharded over ranks (the same on every rank)."""
-    rows = [row for rows in greedy_answers(model, processor, records, accelerator, batch_size, max_new_tokens,
-                                           synced_gpus) for row in rows]
-    return accuracy_by_kind(rows, records)
+def heldout_accuracy(s):
+    """accuracy_by_kind of greedy answers to a GRPO run's held-out records (a Setup's),
+    sharded over ranks (the same on every rank)."""
+    a = s.args
+    answers = greedy_answers(s.model, s.processor, s.eval_records, s.accelerator,
+                             a.gen_batch_size, a.eval_max_new_tokens, s.synced_gpus)
+    rows = [row for rows in answers for row in rows]
+    return accuracy_by_kind(rows, s.eval_records)
 
 # ----------------------------------------------------------------------------------------
 # Checkpoints, resume and run logs
@@ -377,25 +497,49 @@ def log_row(file, row, accelerator=None):
         accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
 def rollout_metrics(accelerator, ro, kinds, G):
-    """Means over every rank's samples: reward (and its std, and per verifier kind), the fractions
-    well-formed, cut at the token cap, and in groups with no signal, the mean completion length. A
-    reward stuck at 0 is read here: truncation, format, or one verifier."""
-    r, n = ro["rewards"].double(), len(ro["rewards"])
-    sums = {"n": n, "reward": r.sum(), "reward_sq": (r * r).sum(), "truncated": ro["truncated"].sum(),
-            "well_formed": sum(map(rewards.is_well_formed, ro["texts"])), "length": ro["completion_mask"].sum(),
-            "zero_std": (ro["advantages"].view(-1, G) == 0).all(1).sum(), "groups": n // G}
+    """Means over every rank's samples: reward (and its std, and per verifier kind), the
+    fractions well-formed, cut at the token cap, and in groups with no signal, the mean
+    completion length. A reward stuck at 0 is read here: truncation, format, or one verifier."""
+    r, n = ro.rewards.double().cpu(), len(ro.rewards)
+    sums = {"n": n, "reward": r.sum(), "reward_sq": (r * r).sum(), "truncated": ro.truncated.sum(),
+            "well_formed": sum(map(rewards.is_well_formed, ro.texts)),
+            "length": ro.completion_mask.sum(),
+            "zero_std": (ro.advantages.view(-1, G) == 0).all(1).sum(), "groups": n // G}
     for k in rewards.KINDS:
         of_kind = torch.tensor([kind == k for kind in kinds])
-        sums[f"reward/{k}"], sums[f"count/{k}"] = r[of_kind].sum(), of_kind.sum()
-    totals = accelerator.reduce(torch.tensor([float(v) for v in sums.values()], dtype=torch.float64,
-                                             device=accelerator.device), reduction="sum").tolist()
-    t = dict(zip(sums, totals))
+        sums[f"reward/{k}"] = r[of_kind].sum()
+        sums[f"count/{k}"] = of_kind.sum()
+    values = torch.tensor([float(v) for v in sums.values()], dtype=torch.float64,
+                          device=accelerator.device)
+    t = dict(zip(sums, accelerator.reduce(values, reduction="sum").tolist()))
     mean = t["reward"] / t["n"]
     row = dict(reward_mean=mean, reward_std=math.sqrt(max(0.0, t["reward_sq"] / t["n"] - mean ** 2)))
-    row.update({f"reward/{k}": t[f"reward/{k}"] / t[f"count/{k}"] for k in rewards.KINDS if t[f"count/{k}"]})
+    row.update({f"reward/{k}": t[f"reward/{k}"] / t[f"count/{k}"]
+                for k in rewards.KINDS if t[f"count/{k}"]})
     row.update(frac_well_formed=t["well_formed"] / t["n"], frac_truncated=t["truncated"] / t["n"],
                frac_zero_std=t["zero_std"] / t["groups"], response_length_mean=t["length"] / t["n"])
     return row
+
+
+def group_rows(ro, step, n):
+    """rollouts.jsonl rows for the first n groups of a GRPO rollout, one row per group: what
+    the model saw (the record's images as given and resolved, its question, the reference and
+    the frame its boxes are read in) and, for each of its G completions, the text, reward,
+    advantage, well-formed and truncated flags and length in tokens."""
+    rows = []
+    for p, record in enumerate(ro.records[:n]):
+        completions = []
+        for i in range(p * ro.G, (p + 1) * ro.G):
+            completions.append(dict(
+                text=ro.texts[i], reward=float(ro.rewards[i]), advantage=float(ro.advantages[i]),
+                well_formed=rewards.is_well_formed(ro.texts[i]), truncated=bool(ro.truncated[i]),
+                length=int(ro.completion_mask[i].sum())))
+        rows.append(dict(
+            step=step, id=record["id"], kind=record["kind"], image=record["image"],
+            image_paths=record["image_paths"], question=record["question"],
+            reference=record["gt"], box_frame=ro.box_frames[p],
+            box_image=record.get("box_image", 0), completions=completions))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -431,20 +575,88 @@ def weights_fingerprint(accelerator, model):
     return accelerator.gather(total.reshape(1).to(accelerator.device)).tolist()
 
 
-def finish_run(accelerator, model, run_dir, key, logs, **summary):
-    """The end of a training run: closes its logs and writes run_dir/summary.json with the mean of the
-    metric `key` over the first and the last 10% of steps, the number of ranks and whether they ended
-    with the same weights, and `summary`. Returns the summary (every rank)."""
-    in_sync = len(set(weights_fingerprint(accelerator, model))) == 1
-    for log in logs:
-        if log is not None:
-            log.close()
-    rows = data.read_rows(os.path.join(run_dir, "metrics.jsonl")) if accelerator.is_main_process else []
-    k = max(1, len(rows) // 10)
-    first, last = [sum(r[key] for r in rs) / max(1, len(rs)) for rs in (rows[:k], rows[-k:])]
-    summary = {f"{key}_first_10pct": first, f"{key}_last_10pct": last, "steps": len(rows), **summary,
-               "ranks": accelerator.num_processes, "weights_in_sync": in_sync}
-    if accelerator.is_main_process:
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-    return summary
+class Run:
+    """A training run's bookkeeping beside the model, the same for sft.py and grpo.py: the step
+    it starts at (0, or with --resume the latest checkpoint's, whose model, optimizer and RNG
+    are restored), the values its checkpoints carry beside the weights (`state`), its JSON
+    Lines logs (cut back to that step on resume), its progress bar. Every rank makes one; only
+    the main process writes files and prints."""
+
+    def __init__(self, args, accelerator, name, total_steps, logs, shown, **state):
+        self.args, self.accelerator, self.total_steps = args, accelerator, total_steps
+        self.shown = shown  # metrics shown beside the progress bar
+        self.state = dict(step=0, **state)
+        if args.resume:
+            self.state.update(load_train_state(accelerator, args.output_dir) or {})
+        os.makedirs(args.output_dir, exist_ok=True)
+        self.logs = {f: open_log(accelerator, args.output_dir, f, self.step) for f in logs}
+        self.talks = accelerator.is_main_process and not args.quiet
+        self.bar = tqdm(total=total_steps, initial=self.step, disable=not self.talks, desc=name)
+
+    @property
+    def step(self):
+        return self.state["step"]
+
+    def say(self, text):
+        if self.talks:
+            self.bar.write(text)
+
+    def log(self, row, **more):
+        """Appends the step's metrics row to metrics.jsonl (and the trackers), and lists of rows
+        to the other logs by name (rollouts=[...] -> rollouts.jsonl)."""
+        log_row(self.logs["metrics.jsonl"], row, self.accelerator)
+        for name, rows in more.items():
+            for r in rows:
+                log_row(self.logs[name + ".jsonl"], r)
+        self.bar.set_postfix({k: f"{row[k]:.4g}" for k in self.shown})
+        self.bar.update(1)
+
+    def save_if_due(self, model, processor, step):
+        """A checkpoint every --save-every steps and at the last step, with `state`."""
+        every = self.args.save_every
+        if (every and step % every == 0) or step == self.total_steps:
+            state = {k: v for k, v in self.state.items() if k != "step"}
+            path = save_checkpoint(self.accelerator, model, processor, self.args.output_dir,
+                                   step, state)
+            self.say(f"saved {path}")
+
+    def finish(self, model, key, **summary):
+        """Closes the logs and writes summary.json: the mean of the metric `key` over the first
+        and the last 10% of steps, the number of ranks and whether they ended with the same
+        weights, and `summary`. Returns the summary (every rank)."""
+        self.bar.close()
+        in_sync = len(set(weights_fingerprint(self.accelerator, model))) == 1
+        for log in self.logs.values():
+            if log is not None:
+                log.close()
+        run_dir = self.args.output_dir
+        rows = []
+        if self.accelerator.is_main_process:
+            rows = data.read_rows(os.path.join(run_dir, "metrics.jsonl"))
+        k = max(1, len(rows) // 10)
+        first, last = [sum(r[key] for r in rs) / max(1, len(rs)) for rs in (rows[:k], rows[-k:])]
+        summary = {f"{key}_first_10pct": first, f"{key}_last_10pct": last, "steps": len(rows),
+                   **summary, "ranks": self.accelerator.num_processes, "weights_in_sync": in_sync}
+        if self.accelerator.is_main_process:
+            with open(os.path.join(run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+        return summary
+
+
+class PhaseClock:
+    """Wall time of a step's phases for metrics.jsonl (time_<phase>_s and step_time_s; bench.py
+    reads them): lap(name) adds the time since the previous lap to phase `name`."""
+
+    def __init__(self, device):
+        self.device = device
+        self.start = self.last = clock(device)
+        self.phases = {}
+
+    def lap(self, name):
+        now = clock(self.device)
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def times(self):
+        laps = {f"time_{name}_s": seconds for name, seconds in self.phases.items()}
+        return dict(step_time_s=self.last - self.start, **laps)

@@ -1,4 +1,5 @@
-"""The mixed reward of VLAA-Thinker (paper section 3, "perception + cognition"): one verifier per task.
+"""The mixed reward of VLAA-Thinker (paper section 3, "perception + cognition"): one verifier
+per task.
 
 Each sample is scored by exactly ONE verifier picked by its task; every reward lies in [0, 1];
 rewards are never summed or weighted across kinds, and the thinking text is never rewarded.
@@ -57,9 +58,12 @@ def extract_answer(response):
     >>> extract_answer("<answer>3</answer><answer>4</answer>") is None
     True
     """
-    if not isinstance(response, str) or response.count("<answer>") != 1 or response.count("</answer>") != 1:
+    if not isinstance(response, str):
         return None
-    start, end = response.index("<answer>") + len("<answer>"), response.index("</answer>")
+    if response.count("<answer>") != 1 or response.count("</answer>") != 1:
+        return None
+    start = response.index("<answer>") + len("<answer>")
+    end = response.index("</answer>")
     return response[start:end].strip() if start <= end else None
 
 
@@ -68,8 +72,10 @@ def is_well_formed(response):
 
     >>> is_well_formed("<think>count</think>\\n<answer>3</answer><|im_end|>")
     True
-    >>> is_well_formed("<think>count</think> so <answer>3</answer>"), is_well_formed("<answer>3</answer>")
-    (False, False)
+    >>> is_well_formed("<think>count</think> so <answer>3</answer>")
+    False
+    >>> is_well_formed("<answer>3</answer>")
+    False
     >>> is_well_formed("<think>a</think><answer> </answer>")   # the answer must not be empty
     False
     """
@@ -82,16 +88,19 @@ def is_well_formed(response):
                 text = text[: -len(token)].rstrip()
     if any(text.count(tag) != 1 for tag in ("<think>", "</think>", "<answer>", "</answer>")):
         return False  # missing, repeated or nested tags
-    think_end, answer_start = text.index("</think>"), text.index("<answer>")
+    think_end = text.index("</think>")
+    answer_start = text.index("<answer>")
+    between = text[think_end + len("</think>"):answer_start]
+    answer = text[answer_start + len("<answer>"):-len("</answer>")]
     return (text.startswith("<think>") and text.endswith("</answer>") and think_end < answer_start
-            and not text[think_end + len("</think>"):answer_start].strip()
-            and bool(text[answer_start + len("<answer>"):-len("</answer>")].strip()))
+            and not between.strip() and bool(answer.strip()))
 
 # ----------------------------------------------------------------------------- rule-based verifiers
 
 _NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
                  "fourteen fifteen sixteen seventeen eighteen nineteen twenty").split()
-_DIGIT_TOKEN = re.compile(r"-?[0-9]+(?:\.[0-9]+)?|\b(?:%s)\b" % "|".join(_NUMBER_WORDS), re.IGNORECASE)
+_DIGIT_TOKEN = re.compile(r"-?[0-9]+(?:\.[0-9]+)?|\b(?:%s)\b" % "|".join(_NUMBER_WORDS),
+                          re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed\s*\{([^{}]*)\}")
 
 
@@ -114,7 +123,10 @@ def _the_number(text):
     values = set()
     for token in _DIGIT_TOKEN.findall(_unbox(text).strip().rstrip(".")):
         word = token.lower()
-        values.add(Decimal(_NUMBER_WORDS.index(word)) if word in _NUMBER_WORDS else Decimal(token))
+        if word in _NUMBER_WORDS:
+            values.add(Decimal(_NUMBER_WORDS.index(word)))
+        else:
+            values.add(Decimal(token))
         if len(values) > 1:
             return None
     return values.pop() if values else None
@@ -132,22 +144,25 @@ def digit_reward(pred, gt):
     """
     if pred is None:
         return 0.0
-    p, g = _the_number(str(pred)), _the_number(_as_text(gt))
-    return float(p is not None and p == g)
+    predicted = _the_number(str(pred))
+    expected = _the_number(_as_text(gt))
+    return float(predicted is not None and predicted == expected)
 
 
-# not in the paper (it says only "option-letter match"): which answer forms count, and the two-letter rule
-_MCQ_PREFIX = re.compile(r"^(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|choice)\b\s*(?:is\b)?\s*[:\-]?\s*",
-                         re.I)  # "The answer is", "Option", "Answer:"
-_MCQ_ALONE = re.compile(r"\(?([a-z])\)?[.:)]?", re.I)                 # C  (C)  C)  C.  C:
-_MCQ_LEAD = re.compile(r"(?:\(([a-z])\)|([a-z])[.:)])\s", re.I)       # "C: 27°"  "(C) 27°"  "C. text"
+# not in the paper (it says only "option-letter match"): which answer forms count, and the
+# two-letter rule.
+_MCQ_PREFIX = re.compile(r"^(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|choice)\b"
+                         r"\s*(?:is\b)?\s*[:\-]?\s*", re.I)  # "The answer is", "Option", "Answer:"
+_MCQ_ALONE = re.compile(r"\(?([a-z])\)?[.:)]?", re.I)            # C  (C)  C)  C.  C:
+_MCQ_LEAD = re.compile(r"(?:\(([a-z])\)|([a-z])[.:)])\s", re.I)  # "C: 27°"  "(C) 27°"  "C. text"
 _MCQ_MARKED = re.compile(r"\(([A-Z])\)|(?<![\w\\(])([A-Z])\)|\b[Oo]ption\s*\(?([A-Za-z])\b")
 _MCQ_BARE = re.compile(r"(?<![\w\\])([A-HJ-Z])(?!\w)")  # a lone capital; "I" is the pronoun
 
 
 def _option_letter(text):
     """The single option letter `text` names, upper-cased, or None (no letter, or two of them)."""
-    s = " ".join(_unbox(text).replace("$", "").replace("*", "").split()).rstrip(".").strip()
+    plain = _unbox(text).replace("$", "").replace("*", "")
+    s = " ".join(plain.split()).rstrip(".").strip()
     s = _MCQ_PREFIX.sub("", s, count=1)
     if m := _MCQ_ALONE.fullmatch(s):
         return m.group(1).upper()
@@ -155,15 +170,18 @@ def _option_letter(text):
         lead = (m.group(1) or m.group(2)).upper()
         others = {x.upper() for g in _MCQ_MARKED.findall(s[m.end():]) for x in g if x}
         return lead if others <= {lead} else None
-    letters = {x.upper() for g in _MCQ_MARKED.findall(s) for x in g if x} | set(_MCQ_BARE.findall(s))
+    marked = {x.upper() for g in _MCQ_MARKED.findall(s) for x in g if x}
+    letters = marked | set(_MCQ_BARE.findall(s))
     return letters.pop() if len(letters) == 1 else None
 
 
 def mcq_reward(pred, gt):
     """1.0 if the answer names the ground truth's option letter (case-insensitive), else 0.0.
 
-    >>> [mcq_reward(a, "C") for a in ["C", "(c)", "C)", "C.", "C: 27°", "Option C", "\\\\boxed{C}"]]
-    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    >>> [mcq_reward(a, "C") for a in ["C", "(c)", "C)", "C.", "C: 27°", "Option C"]]
+    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    >>> mcq_reward("\\\\boxed{C}", "C")
+    1.0
     >>> [mcq_reward("C", g) for g in ["C)", "(c)", "C: 27°"]], mcq_reward("The answer is C.", "C")
     ([1.0, 1.0, 1.0], 1.0)
     >>> [mcq_reward(a, "C") for a in ["B", "B or C", "(A) and (C)", "27°", ""]]  # two letters: 0
@@ -171,8 +189,9 @@ def mcq_reward(pred, gt):
     """
     if pred is None:
         return 0.0
-    p, g = _option_letter(str(pred)), _option_letter(_as_text(gt))
-    return float(p is not None and p == g)
+    predicted = _option_letter(str(pred))
+    expected = _option_letter(_as_text(gt))
+    return float(predicted is not None and predicted == expected)
 
 
 _NUMBER = re.compile(r"(?<![A-Za-z_])[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
@@ -207,17 +226,22 @@ def iou_reward(pred, gt, image_size=None):
     image_grid_thw), else the 0-1000 grid (Qwen2-VL). So a pixel ground truth must be in that
     same resized image; better, normalise it when loading the data.
     Inverted or empty boxes, NaN, or other than four numbers score 0.
-    >>> iou_reward("[0.1, 0.1, 0.5, 0.5]", [0.1, 0.1, 0.5, 0.5]), iou_reward("0 0 2 2", "1 0 3 2", (4, 4))
-    (1.0, 0.3333333333333333)
+    >>> iou_reward("[0.1, 0.1, 0.5, 0.5]", [0.1, 0.1, 0.5, 0.5])
+    1.0
+    >>> iou_reward("0 0 2 2", "1 0 3 2", (4, 4))
+    0.3333333333333333
     >>> iou_reward("(100,100),(500,500)", [0.1, 0.1, 0.5, 0.5])   # Qwen2-VL grid vs normalised
     1.0
     >>> iou_reward("[0.5, 0.5, 0.1, 0.9]", [0, 0, 1, 1]), iou_reward("[1, 2, 3]", [0, 0, 1, 1])
     (0.0, 0.0)
     """
-    a, b = _box(pred) if pred is not None else None, _box(gt)
-    if a is None or b is None or (image_size is not None and not all(v > 0 for v in image_size)):
+    pred_box = _box(pred) if pred is not None else None
+    gt_box = _box(gt)
+    bad_size = image_size is not None and not all(v > 0 for v in image_size)
+    if pred_box is None or gt_box is None or bad_size:
         return 0.0
-    (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = _to_unit(a, image_size), _to_unit(b, image_size)
+    ax1, ay1, ax2, ay2 = _to_unit(pred_box, image_size)
+    bx1, by1, bx2, by2 = _to_unit(gt_box, image_size)
     if ax2 <= ax1 or ay2 <= ay1 or bx2 <= bx1 or by2 <= by1:
         return 0.0  # degenerate or inverted
     inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
@@ -228,23 +252,29 @@ def iou_reward(pred, gt, image_size=None):
 def open_ended_reward(score_pred, score_ref, beta=OPEN_BETA):
     """Paper: R = 1 - exp(-beta * (S(y_hat) - S(y))) if S(y_hat) > S(y), else 0.
 
-    >>> open_ended_reward(2.0, 0.0, beta=0.5), open_ended_reward(0.0, 2.0), open_ended_reward(1.0, 1.0)
-    (0.6321205588285577, 0.0, 0.0)
+    >>> open_ended_reward(2.0, 0.0, beta=0.5)
+    0.6321205588285577
+    >>> open_ended_reward(0.0, 2.0), open_ended_reward(1.0, 1.0)
+    (0.0, 0.0)
     """
     gap = float(score_pred) - float(score_ref)
     if not gap > 0:  # also NaN
         return 0.0
-    r = 1.0 - math.exp(-beta * gap)
-    return min(1.0, max(0.0, r)) if math.isfinite(r) else 0.0
+    value = 1.0 - math.exp(-beta * gap)
+    return min(1.0, max(0.0, value)) if math.isfinite(value) else 0.0
 
 
 def math_reward(pred, gt, timeout_s=None):
-    """1.0 if Math-Verify finds the answer equal to the ground truth, else 0.0 (also on error/timeout).
+    """1.0 if Math-Verify finds the answer equal to the ground truth, else 0.0 (also on error or
+    timeout).
 
-    >>> [math_reward(a, "\\\\frac{1}{2}") for a in ["0.5", "1/2", "$\\\\frac{2}{4}$", "\\\\boxed{0.5}", "2", ""]]
+    >>> answers = ["0.5", "1/2", "$\\\\frac{2}{4}$", "\\\\boxed{0.5}", "2", ""]
+    >>> [math_reward(a, "\\\\frac{1}{2}") for a in answers]
     [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
-    >>> math_reward("\\\\sqrt{12}", "2\\\\sqrt{3}"), math_reward("9^{9^{9^{9}}}", "2", timeout_s=1)  # too slow: 0
-    (1.0, 0.0)
+    >>> math_reward("\\\\sqrt{12}", "2\\\\sqrt{3}")
+    1.0
+    >>> math_reward("9^{9^{9^{9}}}", "2", timeout_s=1)  # too slow: 0
+    0.0
     """
     if pred is None:
         return 0.0
@@ -259,8 +289,10 @@ def reward(response, gt, kind, **context):
     question=, reference= (default: gt) and beta= (default OPEN_BETA).
     >>> reward("<think>I count 3 cubes.</think> <answer>3</answer>", 3, "digit")
     1.0
-    >>> reward("<answer>3</answer>", 3, "digit"), reward("<think>3?</think><answer>B</answer>", "A", "mcq")
-    (0.0, 0.0)
+    >>> reward("<answer>3</answer>", 3, "digit")  # no think block: the format gate says 0
+    0.0
+    >>> reward("<think>3?</think><answer>B</answer>", "A", "mcq")
+    0.0
     """
     return reward_batch([response], [gt], [kind], [context], context.get("scorer"))[0]
 
@@ -272,8 +304,8 @@ def reward_batch(responses, gts, kinds, contexts=None, scorer=None):
     Raises only on caller mistakes (an unknown kind, "open" without a scorer), never because of
     what the model wrote.
     >>> ok = "<think>...</think><answer>{}</answer>"
-    >>> reward_batch([ok.format(3), ok.format("B"), "3", ok.format("[0, 0, 1, 1]")], [3, "B", 3, [0, 0, 1, 1]],
-    ...              ["digit", "mcq", "digit", "iou"])
+    >>> reward_batch([ok.format(3), ok.format("B"), "3", ok.format("[0, 0, 1, 1]")],
+    ...              [3, "B", 3, [0, 0, 1, 1]], ["digit", "mcq", "digit", "iou"])
     [1.0, 1.0, 0.0, 1.0]
     """
     contexts = [{}] * len(responses) if contexts is None else contexts
@@ -284,8 +316,11 @@ def reward_batch(responses, gts, kinds, contexts=None, scorer=None):
             raise ValueError(f"unknown reward kind {kind!r}; expected one of {KINDS}")
         if kind == "open" and (scorer or ctx.get("scorer")) is None:
             raise ValueError('kind "open" needs a reward model: scorer=load_scorer(...)')
-    answers = [extract_answer(r) if is_well_formed(r) else None for r in responses]  # the format gate
-    rewards, math_items, open_items = [0.0] * len(responses), [], []
+    # the format gate
+    answers = [extract_answer(r) if is_well_formed(r) else None for r in responses]
+    rewards = [0.0] * len(responses)
+    math_items = []
+    open_items = []
     for i, (answer, gt, kind, ctx) in enumerate(zip(answers, gts, kinds, contexts)):
         if answer is None:
             continue  # implicit format reward: no valid answer, no reward
@@ -297,22 +332,27 @@ def reward_batch(responses, gts, kinds, contexts=None, scorer=None):
             rewards[i] = iou_reward(answer, gt, ctx.get("image_size"))
         else:
             (math_items if kind == "math" else open_items).append(i)
-    for i, r in zip(math_items, _math_scores([(_as_text(gts[i]), answers[i]) for i in math_items])):
-        rewards[i] = r
+    math_scores = _math_scores([(_as_text(gts[i]), answers[i]) for i in math_items])
+    for i, score in zip(math_items, math_scores):
+        rewards[i] = score
     if open_items:
         ctxs = [contexts[i] for i in open_items]
         refs = [_as_text(c.get("reference", gts[i])) for c, i in zip(ctxs, open_items)]
         refs = [extract_answer(r) or r for r in refs]  # an SFT-style reference: its answer block
-        images, questions = [c.get("image") for c in ctxs], [c.get("question", "") for c in ctxs]
-        scores = (scorer or ctxs[0]["scorer"]).score(images * 2, questions * 2, [answers[i] for i in open_items] + refs)
+        images = [c.get("image") for c in ctxs]
+        questions = [c.get("question", "") for c in ctxs]
+        predictions = [answers[i] for i in open_items]
+        open_scorer = scorer or ctxs[0]["scorer"]
+        scores = open_scorer.score(images * 2, questions * 2, predictions + refs)
         n = len(open_items)  # scores: (2n,) predictions first, then references
         for j, (i, c) in enumerate(zip(open_items, ctxs)):
             rewards[i] = open_ended_reward(scores[j], scores[n + j], c.get("beta", OPEN_BETA))
     return rewards
 
-# ----------------------------------------------------------------------------- routing records to verifiers
+# ------------------------------------------------------------- routing records to verifiers
 
-_VERIFIER_NAMES = {  # the three seen in GRPO-25K, plus the paper's names for the IoU and open-ended rewards
+# the three seen in GRPO-25K, plus the paper's names for the IoU and open-ended rewards
+_VERIFIER_NAMES = {
     "digit": "digit", "mcq": "mcq", "multiple_choice": "mcq", "math": "math",
     "iou": "iou", "bbox": "iou", "grounding": "iou",
     "open": "open", "open_ended": "open", "openended": "open", "reward_model": "open",
@@ -325,29 +365,33 @@ _SOURCES = (("clevr_math", "digit"), ("geoqa170k", "mcq"), ("geoqa", "mcq"), ("a
 def verifier_for(record):
     """The reward kind for a VLAA-Thinking record: its verifier_type, else its id's source prefix.
 
-    >>> verifier_for({"id": "synthesis-7", "verifier_type": "math"}), verifier_for({"id": "geoqa170k-12"})
-    ('math', 'mcq')
+    >>> verifier_for({"id": "synthesis-7", "verifier_type": "math"})
+    'math'
+    >>> verifier_for({"id": "geoqa170k-12"})
+    'mcq'
     >>> verifier_for({"id": "allava_laion-3"}), verifier_for({"id": "vg-9", "verifier_type": "IoU"})
     ('open', 'iou')
     """
-    rid, vtype = record.get("id"), record.get("verifier_type")
-    if vtype:
-        name = re.sub(r"[\s\-]+", "_", str(vtype).strip().lower())
+    record_id = record.get("id")
+    verifier_type = record.get("verifier_type")
+    if verifier_type:
+        name = re.sub(r"[\s\-]+", "_", str(verifier_type).strip().lower())
         if name not in _VERIFIER_NAMES:
-            raise ValueError(f"record {rid!r}: unknown verifier_type {vtype!r}")
+            raise ValueError(f"record {record_id!r}: unknown verifier_type {verifier_type!r}")
         return _VERIFIER_NAMES[name]
-    source = re.split(r"[-/]", str(rid or "").strip().lstrip("/").lower())[0]
+    source = re.split(r"[-/]", str(record_id or "").strip().lstrip("/").lower())[0]
     for prefix, kind in _SOURCES:
         if source == prefix or source.startswith(prefix + "_"):
             return kind
-    raise ValueError(f"record {rid!r}: no verifier for source {source!r} (and no verifier_type)")
+    raise ValueError(f"record {record_id!r}: no verifier for source {source!r} "
+                     "(and no verifier_type)")
 
 # =============================================================================
 # Plumbing: the Math-Verify worker pool and the reward-model scorer. Not the method - what it
 # takes to run math_reward safely (bounded time, never in the caller's thread) and to score
 # open-ended answers with a reward model.
 
-# ----------------------------------------------------------------------------- math: Math-Verify in worker processes
+# ----------------------------------------------------- math: Math-Verify in worker processes
 
 def _as_latex(text):
     """Wrap bare LaTeX / expressions in $...$ so Math-Verify parses all of it, leave prose alone.
@@ -357,8 +401,10 @@ def _as_latex(text):
     ('$2\\\\sqrt{3}$', 'The area is 12', '$x$')
     """
     delimited = any(d in text for d in ("$", "\\(", "\\[", "\\boxed"))
-    prose = re.search(r"[A-Za-z]{3,}", re.sub(r"\\[A-Za-z]+", "", text))  # a word outside \commands
+    # a word outside \commands
+    prose = re.search(r"[A-Za-z]{3,}", re.sub(r"\\[A-Za-z]+", "", text))
     return text if delimited or prose else f"${text}$"
+
 
 def _math_worker():
     """A worker's loop: reads one JSON [gold, pred] per line, writes "1" or "0" per line."""
@@ -368,16 +414,22 @@ def _math_worker():
     logging.disable(logging.CRITICAL)  # Math-Verify warns on every call once its timeouts are off
     resource.setrlimit(resource.RLIMIT_AS, (_WORKER_MEMORY, _WORKER_MEMORY))
     from math_verify import parse, verify
-    out, sys.stdout = sys.stdout, sys.stderr  # stdout carries only our protocol
-    parse_text = functools.lru_cache(maxsize=4096)(lambda s: parse(_as_latex(s), parsing_timeout=None))
-    print("ready", file=out, flush=True)
+    protocol = sys.stdout  # stdout carries only our protocol; prints from libraries go to stderr
+    sys.stdout = sys.stderr
+
+    @functools.lru_cache(maxsize=4096)
+    def parse_text(text):
+        return parse(_as_latex(text), parsing_timeout=None)
+
+    print("ready", file=protocol, flush=True)
     for line in sys.stdin:
         try:
             gold, pred = json.loads(line)
-            ok = verify(parse_text(gold), parse_text(pred), timeout_seconds=None)  # gold first (paper)
+            # gold first, as the paper has it
+            ok = verify(parse_text(gold), parse_text(pred), timeout_seconds=None)
         except Exception:  # anything Math-Verify or sympy throws: the answer scores 0
             ok = False
-        print("1" if ok else "0", file=out, flush=True)
+        print("1" if ok else "0", file=protocol, flush=True)
 
 
 class MathPool:
@@ -399,51 +451,58 @@ class MathPool:
     @staticmethod
     def _launch():
         boot = f"import sys; sys.path.insert(0, {_HERE!r}); import rewards; rewards._math_worker()"
-        return subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                text=True, encoding="utf-8", start_new_session=True)  # no Ctrl-C tracebacks
+        # start_new_session: a Ctrl-C in the terminal does not print a traceback per worker
+        return subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, encoding="utf-8",
+                                start_new_session=True)
 
     @staticmethod
     def _wait_ready(proc, timeout_s=120.0):
-        if not select.select([proc.stdout], [], [], timeout_s)[0] or proc.stdout.readline().strip() != "ready":
+        answered = select.select([proc.stdout], [], [], timeout_s)[0]
+        if not answered or proc.stdout.readline().strip() != "ready":
             proc.kill()
             raise RuntimeError("a Math-Verify worker failed to start; is math-verify installed?")
 
-    def _replace(self, w):
-        self.procs[w].kill()
-        self.procs[w].wait()
-        self.procs[w] = self._launch()
-        self._wait_ready(self.procs[w])
+    def _replace(self, worker):
+        self.procs[worker].kill()
+        self.procs[worker].wait()
+        self.procs[worker] = self._launch()
+        self._wait_ready(self.procs[worker])
 
     def map(self, pairs, timeout_s=MATH_TIMEOUT_S):
         """[(gold, pred), ...] -> [1.0 or 0.0, ...], each answer bounded by `timeout_s` seconds."""
         with self.lock:
-            scores, todo, busy = [0.0] * len(pairs), list(range(len(pairs)))[::-1], {}  # busy: w -> (i, deadline)
+            scores = [0.0] * len(pairs)
+            todo = list(range(len(pairs)))[::-1]  # answer indices, the next one last
+            busy = {}  # worker index -> (answer index, deadline)
             while todo or busy:
-                for w, proc in enumerate(self.procs):  # give each idle worker an answer
-                    if w not in busy and todo:
+                for worker, proc in enumerate(self.procs):  # give each idle worker an answer
+                    if worker not in busy and todo:
                         i = todo.pop()
                         try:
                             proc.stdin.write(json.dumps(pairs[i]) + "\n")
                             proc.stdin.flush()
-                            busy[w] = (i, time.monotonic() + timeout_s)
+                            busy[worker] = (i, time.monotonic() + timeout_s)
                         except OSError:  # it died between two answers: replace it, retry the answer
-                            self._replace(w)
+                            self._replace(worker)
                             todo.append(i)
                 if not busy:
                     continue
-                wait = max(0.0, min(deadline for _, deadline in busy.values()) - time.monotonic())
-                readable = select.select([self.procs[w].stdout for w in busy], [], [], wait)[0]
-                for w, (i, deadline) in list(busy.items()):
-                    if self.procs[w].stdout in readable:
-                        line = self.procs[w].stdout.readline().strip()
+                first_deadline = min(deadline for _, deadline in busy.values())
+                wait = max(0.0, first_deadline - time.monotonic())
+                outputs = [self.procs[worker].stdout for worker in busy]
+                readable = select.select(outputs, [], [], wait)[0]
+                for worker, (i, deadline) in list(busy.items()):
+                    if self.procs[worker].stdout in readable:
+                        line = self.procs[worker].stdout.readline().strip()
                         if line in ("0", "1"):
                             scores[i] = float(line)
                         else:  # it crashed on this answer (e.g. a C stack overflow): 0
-                            self._replace(w)
-                        del busy[w]
+                            self._replace(worker)
+                        del busy[worker]
                     elif time.monotonic() >= deadline:  # past our bound: kill it; scores[i] stays 0
-                        self._replace(w)
-                        del busy[w]
+                        self._replace(worker)
+                        del busy[worker]
             return scores
 
     def close(self):
@@ -478,13 +537,16 @@ def close():
 
 
 def _math_scores(pairs, timeout_s=None):
-    """Math-Verify scores for (gold, pred) pairs; duplicates are verified once, long answers not at all."""
+    """Math-Verify scores for (gold, pred) pairs; duplicates are verified once, long answers not
+    at all."""
     unique = sorted({(g, p) for g, p in pairs if p is not None and len(p) <= MATH_MAX_CHARS})
-    scores = dict(zip(unique, _math_pool().map(unique, timeout_s or MATH_TIMEOUT_S))) if unique else {}
+    scores = {}
+    if unique:
+        scores = dict(zip(unique, _math_pool().map(unique, timeout_s or MATH_TIMEOUT_S)))
     return [scores.get((g, p), 0.0) for g, p in pairs]
 
 
-# ----------------------------------------------------------------------------- open-ended: a reward model
+# --------------------------------------------------------------- open-ended: a reward model
 
 class RewardModelScorer:
     """A reward model S(image, question, answer) -> float (higher is better); see load_scorer.
@@ -495,11 +557,18 @@ class RewardModelScorer:
     and visits the GPU only inside score(), leaving the policy the GPU memory the rest of a step.
     """
 
-    def __init__(self, model, tokenizer, backend, device="cpu", batch_size=8, max_length=4096, hd_num=9):
-        self.model, self.tokenizer, self.backend, self.device = model.eval(), tokenizer, backend, device
-        self.batch_size, self.max_length, self.hd_num = batch_size, max_length, hd_num
+    def __init__(self, model, tokenizer, backend, device="cpu", batch_size=8, max_length=4096,
+                 hd_num=9):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.device = device
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.hd_num = hd_num  # InternLM-XComposer's cap on high-resolution crops per image
         if backend == "seqcls":
-            tokenizer.padding_side = "right"  # left padding would shift positions: batch != one by one
+            # left padding would shift positions: a batch would score unlike one by one
+            tokenizer.padding_side = "right"
 
     def score(self, images, questions, answers):
         """One float per (image, question, answer); an image is a PIL image, a path, or None."""
@@ -509,9 +578,10 @@ class RewardModelScorer:
         self.model.to(self.device)
         try:
             with torch.no_grad():
-                for s in range(0, len(answers), self.batch_size):
-                    chunk = slice(s, s + self.batch_size)
-                    scores += batch_scores(list(images[chunk]), list(questions[chunk]), list(answers[chunk]))
+                for start in range(0, len(answers), self.batch_size):
+                    chunk = slice(start, start + self.batch_size)
+                    scores += batch_scores(list(images[chunk]), list(questions[chunk]),
+                                           list(answers[chunk]))
         finally:
             if str(self.device) != "cpu":
                 self.model.to("cpu")  # back to the CPU until the next rollout step
@@ -525,7 +595,8 @@ class RewardModelScorer:
                 for q, a in zip(questions, answers)]
 
     def _seqcls(self, images, questions, answers):
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in self._chats(questions, answers)]
+        chats = self._chats(questions, answers)
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                                max_length=self.max_length, add_special_tokens=False).to(self.device)
         return self.model(**batch).logits[:, 0].float().tolist()  # (B,) the scalar reward head
@@ -542,7 +613,8 @@ class RewardModelScorer:
                 paths.append([] if image is None else [image])
             cuda = str(self.device).startswith("cuda")  # its model card scores under fp16 autocast
             with torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext():
-                return list(self.model.get_scores(self._chats(questions, answers), paths, hd_num=self.hd_num))
+                chats = self._chats(questions, answers)
+                return list(self.model.get_scores(chats, paths, hd_num=self.hd_num))
 
 
 def _is_internlm_reward(name_or_path):
@@ -551,7 +623,8 @@ def _is_internlm_reward(name_or_path):
     return "xcomposer" in str(name_or_path).lower() or "InternLMXComposer" in local
 
 
-def load_scorer(name_or_path, trust_remote_code=False, device=None, dtype=None, batch_size=8, max_length=4096):
+def load_scorer(name_or_path, trust_remote_code=False, device=None, dtype=None, batch_size=8,
+                max_length=4096):
     """Build the open-ended reward model: InternLM-XComposer2.5-Reward or any sequence classifier.
 
     device: where score() runs (default: "cuda" when available); the model is kept on the CPU.
@@ -559,18 +632,20 @@ def load_scorer(name_or_path, trust_remote_code=False, device=None, dtype=None, 
     weights, so it loads only with trust_remote_code=True.
     """
     if _is_internlm_reward(name_or_path) and not trust_remote_code:
-        raise ValueError(f"{name_or_path} is InternLM-XComposer2.5-Reward, whose model code ships with its "
-                         "weights: pass trust_remote_code=True (after reading that code) to load it")
+        raise ValueError(f"{name_or_path} is InternLM-XComposer2.5-Reward, whose model code ships "
+                         "with its weights: pass trust_remote_code=True (after reading that code) "
+                         "to load it")
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if _is_internlm_reward(name_or_path):
-        model = AutoModel.from_pretrained(name_or_path, dtype=dtype or torch.float16, trust_remote_code=True)
+        model = AutoModel.from_pretrained(name_or_path, dtype=dtype or torch.float16,
+                                          trust_remote_code=True)
         model.tokenizer = tokenizer  # its get_scores reads the tokenizer from the model
         return RewardModelScorer(model, tokenizer, "internlm", device, batch_size, max_length)
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=dtype,
-                                                               trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:  # the classifier finds each row's last token by it

@@ -17,19 +17,20 @@ How it departs from the paper, which does not say (each is a flag; --help has th
   2. the LR, with 3% warmup and cosine decay to 0
   3. the maximum length (an over-long answer is cut, never the prompt) and the image pixel cap
 """
-import os
 from contextlib import nullcontext
 
 import torch
-from tqdm import tqdm
 
 import data
 import plumbing
 
-# The paper's recipe for real checkpoints (with our choices where it is silent, see the docstring), and
-# a scaled-down one for the CPU toy; --help prints both. A flag given on the command line always wins.
-PAPER = dict(batch_size=128, micro_batch_size=1, lr=1e-5, epochs=1.0, max_pixels=data.MAX_PIXELS, kinds=None)
-TOY = dict(batch_size=32, micro_batch_size=None, lr=2e-4, epochs=1.0, max_pixels=None, kinds=None)
+# The paper's recipe for real checkpoints (with our choices where it is silent, see the
+# docstring), and a scaled-down one for the CPU toy; --help prints both. A flag given on the
+# command line always wins.
+PAPER = dict(batch_size=128, micro_batch_size=1, lr=1e-5, epochs=1.0, max_pixels=data.MAX_PIXELS,
+             kinds=None)
+TOY = dict(batch_size=32, micro_batch_size=None, lr=2e-4, epochs=1.0, max_pixels=None,
+           kinds=None)
 
 
 def preset(key):
@@ -40,107 +41,119 @@ def parse_args(argv=None):
     p = plumbing.stage_args(__doc__, "out/sft", "VLAA-Thinking SFT file", preset)
     a = p.add_argument
     a("--trace-style", default="concise", choices=["concise", "pseudo"],
-      help="toy data only: concise reasoning or R1-like pseudo reasoning (the records' answer_pseudo)")
+      help="toy data only: concise reasoning or R1-like pseudo reasoning "
+      "(the records' answer_pseudo)")
     a("--batch-size", type=int, help="global batch in samples" + preset("batch_size"))
-    a("--micro-batch-size", type=int, help="samples per forward on a rank (None: all)" + preset("micro_batch_size"))
+    a("--micro-batch-size", type=int,
+      help="samples per forward on a rank (None: all)" + preset("micro_batch_size"))
     a("--lr", type=float, help="peak LR (not in the paper)" + preset("lr"))
     a("--min-lr", type=float, default=0.0, help="cosine floor (not in the paper)")
     a("--warmup-ratio", type=float, default=0.03, help="linear warmup share (not in the paper)")
     a("--epochs", type=float, help="passes over the data (paper: about 1)" + preset("epochs"))
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    a("--limit", type=int, default=None, help="train on the first N records only (of the wanted kinds)")
-    a("--max-length", type=int, default=4096, help="tokens per sample; the answer is cut, never the prompt "
-      "(not in the paper)")
+    a("--limit", type=int, default=None,
+      help="train on the first N records only (of the wanted kinds)")
+    a("--max-length", type=int, default=4096,
+      help="tokens per sample; the answer is cut, never the prompt (not in the paper)")
     a("--train-vision", action="store_true", help="also train the vision tower (paper: frozen)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not in the paper)")
-    a("--num-workers", type=int, default=0, help="DataLoader workers that load images and tokenize ahead")
+    a("--num-workers", type=int, default=0,
+      help="DataLoader workers that load images and tokenize ahead")
     return plumbing.apply_presets(p.parse_args(argv), PAPER, TOY)
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """Item i is this rank's i-th micro-batch from `first_step` on, collated and tokenized: step s takes
-    data.step_indices (a fixed function of seed and step, the same records on resume), cut into
-    micro-batches, so every rank runs the same number of forwards."""
+    """Item i is this rank's i-th micro-batch over the optimizer steps `steps` (a range), collated
+    and tokenized: step s takes data.step_indices (a fixed function of seed and step, the same
+    records on resume), cut into micro-batches, so every rank runs the same number of forwards."""
 
-    def __init__(self, records, processor, args, rank, world, first_step, last_step, micro):
-        self.records, self.processor, self.args = records, processor, args
-        self.rank, self.world, self.first_step, self.micro = rank, world, first_step, micro
-        self.accum = args.batch_size // world // micro
-        self.length = (last_step - first_step) * self.accum
+    def __init__(self, records, processor, args, rank, world, steps, micro_batch_size):
+        self.records = records
+        self.processor = processor
+        self.args = args
+        self.rank = rank
+        self.world = world
+        self.steps = steps
+        self.micro_batch_size = micro_batch_size
+        self.accum = args.batch_size // world // micro_batch_size  # micro-batches per step
         self.answer_key = "answer_pseudo" if args.trace_style == "pseudo" else "answer"
 
     def __len__(self):
-        return self.length
+        return len(self.steps) * self.accum
 
     def __getitem__(self, i):
-        step, m = self.first_step + i // self.accum, i % self.accum
-        mine = data.step_indices(len(self.records), self.args.batch_size, step, self.args.seed, self.rank, self.world)
-        chosen = [self.records[j] for j in mine[m * self.micro:(m + 1) * self.micro]]
+        step = self.steps[i // self.accum]
+        micro_step = i % self.accum
+        rank_indices = data.step_indices(len(self.records), self.args.batch_size, step,
+                                         self.args.seed, self.rank, self.world)
+        first = micro_step * self.micro_batch_size
+        chosen = [self.records[j] for j in rank_indices[first:first + self.micro_batch_size]]
         key = self.answer_key if self.answer_key in chosen[0] else "answer"
-        return data.encode_sft(self.processor, chosen, max_length=self.args.max_length, answer_key=key)
+        return data.encode_sft(self.processor, chosen, max_length=self.args.max_length,
+                               answer_key=key)
 
 
 def main(argv=None):
     args = parse_args(argv)
     accelerator = plumbing.start(args, "sft")
     torch.manual_seed(args.seed)
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    micro = args.micro_batch_size or args.batch_size // world
-    if args.batch_size % (world * micro):
-        raise plumbing.UserError(f"--batch-size {args.batch_size} must be a multiple of {world} processes x "
-                                 f"--micro-batch-size {micro}")
+    rank = accelerator.process_index
+    world = accelerator.num_processes
+    device = accelerator.device
+    micro_batch_size = args.micro_batch_size or args.batch_size // world
+    if args.batch_size % (world * micro_batch_size):
+        raise plumbing.UserError(f"--batch-size {args.batch_size} must be a multiple of {world} "
+                                 f"processes x --micro-batch-size {micro_batch_size}")
 
     # ---- data and model --------------------------------------------------------------------
     records = plumbing.load_split(args, accelerator, "sft", need_answer=True, limit=args.limit)
     if len(records) < args.batch_size:
-        raise plumbing.UserError(f"{len(records)} records is less than one batch of {args.batch_size}")
+        raise plumbing.UserError(f"{len(records)} records is less than one batch of "
+                                 f"{args.batch_size}")
     # paper: the vision encoder is frozen during SFT
-    model, processor, optimizer, params, _ = plumbing.load_policy(args, accelerator, not args.train_vision,
-                                                                  args.weight_decay)
+    model, processor, optimizer, params, _ = plumbing.load_policy(
+        args, accelerator, not args.train_vision, args.weight_decay)
     total_steps = args.max_steps or max(1, int(args.epochs * (len(records) // args.batch_size)))
-    start, skipped = 0, 0
-    if args.resume and (state := plumbing.load_train_state(accelerator, args.output_dir)):
-        start, skipped = state["step"], state["skipped_updates"]
-    os.makedirs(args.output_dir, exist_ok=True)
-    micro_batches = MicroBatches(records, processor, args, rank, world, start, total_steps, micro)
-    batches = iter(torch.utils.data.DataLoader(micro_batches, batch_size=None, num_workers=args.num_workers))
+    # skipped_updates: optimizer steps skipped for a NaN/inf gradient
+    run = plumbing.Run(args, accelerator, "sft", total_steps, ("metrics.jsonl",),
+                       shown=("loss", "lr"), skipped_updates=0)
+    micro_batches = MicroBatches(records, processor, args, rank, world,
+                                 range(run.step, total_steps), micro_batch_size)
+    loader = torch.utils.data.DataLoader(micro_batches, batch_size=None,
+                                         num_workers=args.num_workers)
+    batches = iter(loader)
     accum = micro_batches.accum
-    metrics_log = plumbing.open_log(accelerator, args.output_dir, "metrics.jsonl", start)
 
     # ---- training loop ---------------------------------------------------------------------
     model.train()
-    bar = tqdm(total=total_steps, initial=start, disable=args.quiet or not accelerator.is_main_process, desc="sft")
-    for step in range(start, total_steps):
+    for step in range(run.step, total_steps):
         t0 = plumbing.clock(device)
         lr = plumbing.cosine_lr(step, total_steps, args.warmup_ratio, args.lr, args.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, tokens = torch.zeros((), device=device), 0
-        for m in range(accum):
+        loss_sum = torch.zeros((), device=device)
+        tokens = 0
+        for micro_step in range(accum):
             batch = {k: v.to(device) for k, v in next(batches).items()}
             tokens += int(batch["attention_mask"].sum())
             # Gradients are all-reduced only on the last micro-batch of the step.
-            with accelerator.no_sync(model) if m < accum - 1 else nullcontext():
-                loss = model(**batch).loss  # mean cross-entropy over this micro-batch's answer tokens
+            with accelerator.no_sync(model) if micro_step < accum - 1 else nullcontext():
+                # the mean cross-entropy over this micro-batch's answer tokens
+                loss = model(**batch).loss
                 accelerator.backward(loss / accum)
             loss_sum += loss.detach() / accum
-        grad_norm, applied = plumbing.clip_and_step(accelerator, optimizer, params)  # NaN/inf: skipped
-        skipped += not applied
+        # a NaN/inf gradient norm: the update is skipped
+        grad_norm, applied = plumbing.clip_and_step(accelerator, optimizer, params)
+        run.state["skipped_updates"] += not applied
         loss = accelerator.reduce(loss_sum, reduction="mean").item()
         dt = plumbing.clock(device) - t0
-        plumbing.log_row(metrics_log, dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, skipped_updates=skipped,
-                                           step_time_s=dt, tokens_per_s=tokens * world / dt), accelerator)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-        bar.update(1)
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
-            path = plumbing.save_checkpoint(accelerator, model, processor, args.output_dir, step + 1,
-                                            dict(skipped_updates=skipped))
-            if not args.quiet and accelerator.is_main_process:
-                bar.write(f"saved {path}")
-    bar.close()
-    s = plumbing.finish_run(accelerator, model, args.output_dir, "loss", (metrics_log,), skipped_updates=skipped)
-    if not args.quiet and accelerator.is_main_process:
-        print(f"sft: loss {s['loss_first_10pct']:.3f} (first 10% of steps) -> {s['loss_last_10pct']:.3f} (last 10%)")
+        run.log(dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm,
+                     skipped_updates=run.state["skipped_updates"], step_time_s=dt,
+                     tokens_per_s=tokens * world / dt))
+        run.save_if_due(model, processor, step + 1)
+    summary = run.finish(model, "loss", skipped_updates=run.state["skipped_updates"])
+    run.say(f"sft: loss {summary['loss_first_10pct']:.3f} (first 10% of steps) -> "
+            f"{summary['loss_last_10pct']:.3f} (last 10%)")
     accelerator.end_training()
     return model
 

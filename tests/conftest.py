@@ -50,6 +50,13 @@ def toy_split():
     return toy.data_path
 
 
+def rollout_args(G, max_new_tokens, temperature=1.0, gen_batch_size=64):
+    """The flags grpo.rollout reads, for tests that call it directly."""
+    import argparse
+    return argparse.Namespace(num_generations=G, max_new_tokens=max_new_tokens, temperature=temperature,
+                              gen_batch_size=gen_batch_size)
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -371,14 +371,15 @@ def test_plot_and_rollout_aha(tmp_path, capsys):
                                               loss=0.01) for s in range(1, 41)])
     write_jsonl(sft / "metrics.jsonl", [dict(step=s, loss=2.0 / s, lr=1e-3) for s in range(1, 21)])
     aha = "<think>Wait, alternatively 3.</think><answer>3</answer>"  # logged from step 31 on
-    write_jsonl(grpo / "rollouts.jsonl", [dict(step=s, id=str(s), kind="digit", reward=1.0,
-                                               response=aha if s > 30 else "<answer>3</answer>") for s in range(1, 41)])
+    text = lambda s: aha if s > 30 else "<answer>3</answer>"  # noqa: E731
+    write_jsonl(grpo / "rollouts.jsonl", [dict(step=s, id=str(s), kind="digit", completions=[
+        dict(text=text(s), reward=1.0), dict(text=text(s), reward=0.0)]) for s in range(1, 41)])  # a group of 2
     out = tmp_path / "fig" / "curves.png"
     ev.main(["plot", str(grpo), str(sft), "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "sft has no reward_mean" in printed and "sft has no response_length_mean" in printed
     table = ev.rollout_aha(str(grpo), bins=4).splitlines()
-    assert table[2].startswith("| 1-10 | 38.9 | 10 | 0 |") and table[5].startswith("| 31-40 | 32.9 | 10 | 10 | 10 |")
+    assert table[2].startswith("| 1-10 | 38.9 | 20 | 0 |") and table[5].startswith("| 31-40 | 32.9 | 20 | 20 | 20 |")
     ev.main(["aha", str(grpo), "--bins", "4"])
     assert "| 31-40 |" in capsys.readouterr().out

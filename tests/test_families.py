@@ -16,7 +16,7 @@ import plumbing
 import rewards
 import sft
 import toy
-from conftest import FLOAT32, read_jsonl
+from conftest import FLOAT32, read_jsonl, rollout_args
 
 FAMILIES = list(toy.FAMILIES)
 CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
@@ -88,27 +88,29 @@ def test_batched_and_cached_logprobs_match_one_at_a_time(family):
     model.eval()
     torch.manual_seed(0)
     recs = records(n=3)
-    ro = grpo.rollout(model, processor, recs, 2, max_new_tokens=5, temperature=1.0)
-    assert (ro["prompt_mask"] == 0).any()  # prompts of different lengths: the batch is padded
-    n, rows, rope, share = len(ro["texts"]), torch.arange(len(ro["texts"])), model.model.get_rope_index, \
-        plumbing.can_share_prompts(model)
+    ro = grpo.rollout(model, processor, recs, rollout_args(2, 5))
+    assert (ro.prompt_mask == 0).any()  # prompts of different lengths: the batch is padded
+    n, rows = len(ro.texts), torch.arange(len(ro.texts))
+    share = plumbing.can_share_prompts(model)
     assert share == (arch != "qwen3_5")  # Qwen3.5's linear-attention layers keep a running state
     with torch.no_grad():  # alone: one plain forward over (prompt | completion), the model's own positions
         alone = []
         for j in range(n):
             prompt = data.encode_prompts(processor, recs[j // 2:j // 2 + 1])
-            completion = ro["completion_ids"][j, :int(ro["completion_mask"][j].sum())]
+            completion = ro.completion_ids[j, :int(ro.completion_mask[j].sum())]
             ids = torch.cat([prompt["input_ids"][0], completion]).unsqueeze(0)
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=prompt["pixel_values"],
                            image_grid_thw=prompt["image_grid_thw"],
                            mm_token_type_ids=data.mm_token_types(processor, ids)).logits[0, prompt["input_ids"].shape[1] - 1:-1]
             alone.append(torch.log_softmax(logits.float(), -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1))
-        batched, _ = grpo.token_logprobs(model, ro, rows, 2, processor, 1.0, rope, "cpu", share)
-        ro["features"] = plumbing.encode_images(model, ro["pixels"], ro["grids"], batch_size=2)
-        cached, _ = grpo.token_logprobs(model, ro, rows, 2, processor, 1.0, rope, "cpu", share)
+        plain = grpo.token_logprobs(model, ro, rows, 1.0)          # the definition: whole rows
+        fast = grpo.completion_logprobs(model, ro, rows, 1.0)      # each prompt once, where allowed
+        ro.features = plumbing.encode_images(model, ro.pixels, ro.grids, batch_size=2)
+        cached = grpo.completion_logprobs(model, ro, rows, 1.0)
     for j in range(n):
         m = len(alone[j])
-        assert torch.allclose(batched[j, :m], alone[j], **FLOAT32), (arch, j)
+        assert torch.allclose(plain[j, :m], alone[j], **FLOAT32), (arch, j)
+        assert torch.allclose(fast[j, :m], alone[j], **FLOAT32), (arch, j)
         assert torch.allclose(cached[j, :m], alone[j], **FLOAT32), (arch, j)
 
 
@@ -228,9 +230,10 @@ def test_boxes_on_resized_non_square_images_score_in_the_frame_the_model_saw(fam
             assert rewards.iou_reward(box(rec, frame), rec["gt"], wrong) < 0.5
     # grpo.py: a real rollout of both prompts, its completions replaced by the family's boxes
     torch.manual_seed(0)
-    ro = grpo.rollout(model, processor, recs, 2, max_new_tokens=2, temperature=1.0)
-    ro["texts"] = [answer(rec, frame) for rec, frame in zip(recs, seen) for _ in range(2)]
-    assert grpo.score(ro, recs, 2, processor, None, 0.0).tolist() == pytest.approx([1.0] * 4)
+    ro = grpo.rollout(model, processor, recs, rollout_args(2, 2))
+    assert ro.box_frames == seen
+    ro.texts = [answer(rec, frame) for rec, frame in zip(recs, seen) for _ in range(2)]
+    assert grpo.score(ro, None, 0.0).tolist() == pytest.approx([1.0] * 4)
     # held-out accuracy, eval.py: greedy rows carry the frame, heldout_scores reads boxes in it
     answers = plumbing.greedy_answers(model, processor, recs, Accelerator(), 2, 2)
     rows = [row for rows in answers for row in rows]

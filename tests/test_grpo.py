@@ -20,7 +20,7 @@ import data
 import grpo
 import plumbing
 import toy
-from conftest import FLOAT32, ROOT, approx, read_jsonl, rewind_run, run_two_ranks
+from conftest import FLOAT32, ROOT, approx, read_jsonl, rewind_run, rollout_args, run_two_ranks
 
 
 # ---------------------------------------------------------------------------- the pieces
@@ -222,28 +222,57 @@ def toy_rollout(model, processor, n_prompts, G, max_new_tokens=6, temperature=1.
     two = next(r for r in records if len(r["image_paths"]) == 2)
     records = records[:n_prompts - 1] + [two]
     torch.manual_seed(0)
-    return grpo.rollout(model, processor, records, G, max_new_tokens, temperature), records
+    return grpo.rollout(model, processor, records, rollout_args(G, max_new_tokens, temperature)), records
 
 
 def test_rollout_tensors_line_up_with_the_generated_samples(tiny):
     model, processor = tiny
     G = 3
     ro, records = toy_rollout(model, processor, 2, G, max_new_tokens=5)
-    n, T = ro["completion_ids"].shape
-    assert n == 2 * G and ro["prompt_ids"].shape[0] == n and ro["completion_mask"].shape == (n, T)
-    assert len(ro["pixels"]) == len(ro["grids"]) == 2 and len(ro["texts"]) == n
-    assert [len(g) for g in ro["grids"]] == [1, 2]  # the second prompt has two images
-    for i in range(2):  # rows i*G.. are prompt i, left-padded, with its own images
+    n, T = ro.completion_ids.shape
+    assert n == 2 * G and ro.G == G and ro.completion_mask.shape == (n, T)
+    assert ro.prompt_ids.shape[0] == ro.prompt_mask.shape[0] == ro.prompt_types.shape[0] == 2
+    assert len(ro.pixels) == len(ro.grids) == len(ro.records) == 2 and len(ro.texts) == n
+    assert [len(g) for g in ro.grids] == [1, 2]  # the second prompt has two images
+    for i in range(2):  # prompt i, left-padded, with its own images and their token types
         alone = data.encode_prompts(processor, records[i:i + 1])
         width = alone["input_ids"].shape[1]
-        assert torch.equal(ro["prompt_ids"][i * G, -width:], alone["input_ids"][0])
-        assert torch.equal(ro["pixels"][i], alone["pixel_values"]) and torch.equal(ro["grids"][i], alone["image_grid_thw"])
+        assert torch.equal(ro.prompt_ids[i, -width:], alone["input_ids"][0])
+        assert not ro.prompt_mask[i, :-width].any()
+        assert torch.equal(ro.prompt_types[i], data.mm_token_types(processor, ro.prompt_ids[i:i + 1])[0])
+        assert torch.equal(ro.pixels[i], alone["pixel_values"]) and torch.equal(ro.grids[i], alone["image_grid_thw"])
+        assert ro.box_frames[i] == data.box_frame(processor, records[i], alone["image_grid_thw"])
     eos = torch.tensor(data.end_of_turn_ids(processor.tokenizer))
-    lengths = ro["completion_mask"].sum(1).long()
+    lengths = ro.completion_mask.sum(1).long()
     for i in range(n):  # texts are the masked tokens; the mask ends at the first end of turn
-        kept = ro["completion_ids"][i, :lengths[i]]
-        assert ro["texts"][i] == processor.tokenizer.decode(kept, skip_special_tokens=True)
-        assert bool(ro["truncated"][i]) == (not torch.isin(kept, eos).any())
+        kept = ro.completion_ids[i, :lengths[i]]
+        assert ro.texts[i] == processor.tokenizer.decode(kept, skip_special_tokens=True)
+        assert bool(ro.truncated[i]) == (not torch.isin(kept, eos).any())
+
+
+def test_rollout_select_and_cat_keep_groups_whole(tiny):
+    """Dynamic sampling's bookkeeping: groups selected from two rollouts of different prompt and
+    completion lengths are the same samples, padded to the new widths."""
+    model, processor = tiny
+    G = 2
+    a, _ = toy_rollout(model, processor, 2, G, max_new_tokens=4)
+    b, _ = toy_rollout(model, processor, 3, G, max_new_tokens=7)
+    for ro in (a, b):
+        ro.rewards = torch.arange(len(ro.texts), dtype=torch.float)
+    both = grpo.Rollout.cat([a, b])
+    assert len(both.records) == 5 and both.completion_ids.shape == (10, b.completion_ids.shape[1])
+    kept = both.select([4, 0])  # b's last group, then a's first
+    assert [r["id"] for r in kept.records] == [b.records[2]["id"], a.records[0]["id"]]
+    assert kept.texts == b.texts[4:6] + a.texts[0:2] and kept.rewards.tolist() == [4.0, 5.0, 0.0, 1.0]
+    for row, (src, i) in enumerate([(b, 4), (b, 5), (a, 0), (a, 1)]):
+        T = src.completion_ids.shape[1]
+        assert torch.equal(kept.completion_ids[row, :T], src.completion_ids[i])
+        assert torch.equal(kept.completion_mask[row, :T], src.completion_mask[i])
+        assert not kept.completion_mask[row, T:].any()
+        P = src.prompt_ids.shape[1]
+        assert torch.equal(kept.prompt_ids[row // G, -P:], src.prompt_ids[i // G])
+        assert not kept.prompt_mask[row // G, :-P].any()
+    assert torch.equal(kept.pixels[0], b.pixels[2]) and torch.equal(kept.grids[1], a.grids[0])
 
 
 def test_one_update_gradient_equals_the_papers_objective(tiny):
@@ -253,23 +282,26 @@ def test_one_update_gradient_equals_the_papers_objective(tiny):
     model = model.float().train()
     G, T, beta = 2, 1.3, 0.05
     ro, records = toy_rollout(model, processor, 2, G)
-    n = len(ro["texts"])
-    ro["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    n = len(ro.texts)
+    ro.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     # the old policy and reference: the current weights, perturbed per token, fixed
     torch.manual_seed(1)
-    noise_old, noise_ref = torch.randn(ro["completion_mask"].shape) * 0.1, torch.randn(ro["completion_mask"].shape) * 0.1
-    args = argparse.Namespace(num_generations=G, temperature=T)
-    rope = model.model.get_rope_index
-    current = grpo.rollout_logprobs(model, ro, processor, args, "cpu", 3, rope, True)   # (n, T), micro-batches of 3
-    ro["old_logprobs"], ro["ref_logprobs"] = current + noise_old, current + noise_ref
+    noise_old = torch.randn(ro.completion_mask.shape) * 0.1
+    noise_ref = torch.randn(ro.completion_mask.shape) * 0.1
+    s = argparse.Namespace(args=argparse.Namespace(temperature=T), micro=3)  # what rollout_logprobs reads
+    current = grpo.rollout_logprobs(s, model, ro)   # (n, T), micro-batches of 3
+    ro.old_logprobs, ro.ref_logprobs = current + noise_old, current + noise_ref
 
-    # (a) what grpo.py computes, with each prompt run once (share=True) and with whole rows (share=False)
+    # (a) what grpo.py computes: the definition (whole rows) and the fast path (each prompt run once)
+    rows = torch.tensor([2, 0, 3, 1])
     ours = []
-    for share in (True, False):
+    for logprobs_fn in (grpo.token_logprobs, plumbing.shared_prompt_logprobs):
         model.zero_grad()
-        logp, mb = grpo.token_logprobs(model, ro, torch.tensor([2, 0, 3, 1]), G, processor, T, rope, "cpu", share)
-        loss, _ = grpo.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mb["completion_mask"], 0.2, 0.2,
-                                   grpo.k3_kl(logp, mb["ref_logprobs"]), beta)
+        logp = logprobs_fn(model, ro, rows, T)
+        width = logp.shape[1]
+        loss, _ = grpo.policy_loss(logp, ro.old_logprobs[rows, :width], ro.advantages[rows],
+                                   ro.completion_mask[rows, :width], 0.2, 0.2,
+                                   grpo.k3_kl(logp, ro.ref_logprobs[rows, :width]), beta)
         loss.backward()
         ours.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
 
@@ -278,15 +310,15 @@ def test_one_update_gradient_equals_the_papers_objective(tiny):
     J = 0.0
     for i in range(n):
         prompt = data.encode_prompts(processor, records[i // G:i // G + 1])
-        m = int(ro["completion_mask"][i].sum())
-        completion = ro["completion_ids"][i, :m]
+        m = int(ro.completion_mask[i].sum())
+        completion = ro.completion_ids[i, :m]
         ids = torch.cat([prompt["input_ids"][0], completion]).unsqueeze(0)
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=prompt["pixel_values"],
                     image_grid_thw=prompt["image_grid_thw"], mm_token_type_ids=data.mm_token_types(processor, ids))
         logits = out.logits[0, prompt["input_ids"].shape[1] - 1:-1] / T
         lp = torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
         r = torch.exp(lp - (lp.detach() + noise_old[i, :m]))
-        A = ro["advantages"][i]
+        A = ro.advantages[i]
         surr = torch.min(r * A, torch.clamp(r, 0.8, 1.2) * A)
         d = (lp.detach() + noise_ref[i, :m]) - lp
         kl = torch.exp(d) - d - 1
@@ -298,9 +330,8 @@ def test_one_update_gradient_equals_the_papers_objective(tiny):
         for g1, g2 in zip(grads, direct):  # padded and batched vs one by one: float32 sums in another order
             assert torch.allclose(g1, g2, **FLOAT32)
     # rollout_logprobs in micro-batches of 3 equals one forward of the samples, in another order
-    T_ = logp.shape[1]
-    assert torch.allclose(current[[2, 0, 3, 1], :T_] * mb["completion_mask"], logp.detach() * mb["completion_mask"],
-                          **FLOAT32)
+    mask = ro.completion_mask[rows, :width]
+    assert torch.allclose(current[rows, :width] * mask, logp.detach() * mask, **FLOAT32)
 
 
 def test_cached_vision_features_give_the_same_logprobs(tiny):
@@ -308,13 +339,15 @@ def test_cached_vision_features_give_the_same_logprobs(tiny):
     model, processor = tiny
     model = model.float().eval()
     ro, _ = toy_rollout(model, processor, 3, 2)
-    rows, rope = torch.tensor([0, 5, 2, 3]), model.model.get_rope_index
+    rows = torch.tensor([0, 5, 2, 3])
     with torch.no_grad():
-        from_pixels, _ = grpo.token_logprobs(model, ro, rows, 2, processor, 1.0, rope, "cpu")
-        ro["features"] = plumbing.encode_images(model, ro["pixels"], ro["grids"], batch_size=2)
-        ro["pixels"] = None  # the forwards must not need them
-        from_cache, _ = grpo.token_logprobs(model, ro, rows, 2, processor, 1.0, rope, "cpu")
+        from_pixels = grpo.completion_logprobs(model, ro, rows, 1.0)
+        ro.features = plumbing.encode_images(model, ro.pixels, ro.grids, batch_size=2)
+        ro.pixels = None  # the forwards must not need them
+        from_cache = grpo.completion_logprobs(model, ro, rows, 1.0)
+        plain_from_cache = grpo.token_logprobs(model, ro, rows, 1.0)
     assert torch.allclose(from_pixels, from_cache, **FLOAT32)
+    assert torch.allclose(from_pixels, plain_from_cache, **FLOAT32)
 
 
 # ---------------------------------------------------------------------------- whole runs on the toy
@@ -337,8 +370,12 @@ def test_grpo_smoke_writes_every_metric_and_a_loadable_checkpoint(tmp_path):
     assert rows[1]["kl_coef"] != rows[0]["kl_coef"]  # the adaptive controller moved it
     # two updates per rollout step: the old-policy forward ran, and the first update has ratio 1
     assert rows[0]["clip_frac"] >= 0 and rows[0]["kl"] >= 0
-    rollouts = read_jsonl(os.path.join(out, "rollouts.jsonl"))
-    assert {"step", "id", "kind", "response", "reward"} <= set(rollouts[0])
+    groups = read_jsonl(os.path.join(out, "rollouts.jsonl"))
+    assert [g["step"] for g in groups] == [1, 1, 2, 2]  # --log-groups 2 (the default) a step
+    assert {"id", "kind", "image", "image_paths", "question", "reference", "box_frame"} <= set(groups[0])
+    completion = groups[0]["completions"][0]
+    assert len(groups[0]["completions"]) == 4  # G
+    assert {"text", "reward", "advantage", "well_formed", "truncated", "length"} <= set(completion)
     model, _ = plumbing.load_model(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -374,7 +411,7 @@ def test_a_nan_loss_is_skipped_and_counted(tmp_path, monkeypatch):
 def test_extra_forwards_only_when_needed(tmp_path, monkeypatch, extra, loads, forwards):
     """No old-log-prob forward when the ratio is provably 1, no reference model at KL 0."""
     counts = {"load": 0, "fwd": 0}
-    real_load, real_fwd = plumbing.load_model, grpo.token_logprobs
+    real_load, real_fwd = plumbing.load_model, grpo.completion_logprobs
 
     def load(*a, **k):
         counts["load"] += 1
@@ -385,7 +422,7 @@ def test_extra_forwards_only_when_needed(tmp_path, monkeypatch, extra, loads, fo
         return real_fwd(*a, **k)
 
     monkeypatch.setattr(plumbing, "load_model", load)
-    monkeypatch.setattr(grpo, "token_logprobs", fwd)
+    monkeypatch.setattr(grpo, "completion_logprobs", fwd)
     args = [*GRPO_SMALL, "--max-steps", "2", "--train-batch-size", "16", "--kl-coef", "0", "--save-every", "0"]
     grpo.main([*args, *extra, "--output-dir", str(tmp_path / "g")])
     # 16 samples per step in micro-batches of 4: 4 forwards per pass over the step's samples, 2 steps
@@ -523,7 +560,7 @@ def test_sigkill_mid_save_and_mid_step_then_resume_gives_the_uninterrupted_run(t
     policy = plumbing.resolve_checkpoint(toy.policy_path())
     start = load_file(os.path.join(policy, "model.safetensors"))
     assert any(not torch.equal(start[k], resumed[k]) for k in start)  # the run trained
-    for name, rows in logs.items():  # each step once (rollouts: 4 rows a step), as uninterrupted
+    for name, rows in logs.items():  # each step once, as uninterrupted
         got = read_jsonl(os.path.join(out, name))
         assert [{k: v for k, v in r.items() if k not in TIMES} for r in got] == \
             [{k: v for k, v in r.items() if k not in TIMES} for r in rows], name

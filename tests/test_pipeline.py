@@ -6,6 +6,7 @@ checked against perplexities computed directly.
                                         # --concurrency 16: the stats table and records/s
 """
 import base64
+import doctest
 import json
 import os
 import re
@@ -35,6 +36,13 @@ EMPTY_CAPTION, REFUSED_CAPTION, CUT_CAPTION, NO_REASONING = 0, 1, 2, 3
 EDITS_15, EDITS_16, TAGS_LOST, WRONG_ANSWER, JUDGE_EXPLAINS = 4, 5, 6, 7, 8
 JUDGE_YES_DOT, JUDGE_YES_LOWER, JUDGE_YES_SPACED, AHA_IN_REASONING, AHA_IN_ANSWER, JUDGE_NO_BOLD = 9, 10, 11, 12, 13, 14
 AHA_AGAIN_INSIDE_A_WORD = 15  # "against" holds "again": the paper's substring rule sends it to RL
+# Chat models' habits, each read past and counted (the judge at JUDGE_EXPLAINS is one too), and a
+# judge that cannot be read without guessing
+CAPTION_FENCED, CAPTION_PREFACED, THINK_FENCED, REWRITE_FENCED = 16, 17, 18, 19
+REWRITE_PREFACED, REWRITE_TRAILING, JUDGE_YES_BOLD, JUDGE_AMBIGUOUS = 20, 21, 22, 23
+# The rewriter's remark at REWRITE_TRAILING is 17 words: the word rule must compare the span alone.
+REMARK = ("I replaced the two references to the caption and the description with the image, "
+          "changing nothing else.")
 
 
 def index(rid):
@@ -51,15 +59,20 @@ def scripted(model, rid, text, record):
     that checks the answer's final "the answer is <gt>.". Edge cases by index(rid)."""
     i, gt = index(rid), gt_text(record["gt"])
     if model == "cap":
+        caption = f"A grey image ({rid}) with {len(record['meta']['objects'])} objects."
         return {0: {"content": ""}, 1: {"content": None, "refusal": "I can't help with that."},
-                2: {"content": "A grey image with", "finish_reason": "length"}}.get(
-            i, {"content": f"A grey image ({rid}) with {len(record['meta']['objects'])} objects."})
+                2: {"content": "A grey image with", "finish_reason": "length"},
+                CAPTION_FENCED: {"content": f"```\n{caption}\n```"},
+                CAPTION_PREFACED: {"content": f"Here is a detailed description:\n\n{caption}"}}.get(
+            i, {"content": caption})
     if model == "r1":
         reasoning = f"The caption of {rid} lists the objects. " + ("Wait, let me double-check. " if i == AHA_IN_REASONING else "") + "So it is done."
         answer = f"According to the description of {rid}, the answer is {'WRONG' if i == WRONG_ANSWER else gt}."
         answer += {AHA_IN_ANSWER: " Let me CHECK: fine.", AHA_AGAIN_INSIDE_A_WORD: " Nothing speaks against it."}.get(i, "")
         if i == NO_REASONING:
             return {"content": answer}
+        if i == THINK_FENCED:
+            return {"content": f"```\n<think>\n{reasoning}\n</think>\n```\n\n{answer}"}
         return [{"reasoning_content": reasoning, "content": answer}, {"reasoning": reasoning, "content": answer},
                 {"content": f"<think>\n{reasoning}\n</think>\n\n{answer}"}][int(rid[-5:]) % 3]
     if model == "rw":
@@ -68,11 +81,16 @@ def scripted(model, rid, text, record):
             extra = " ".join(f"w{k}" for k in range(15 if i == EDITS_15 else 16))
             return {"content": original.replace("\n</answer>", f" {extra}\n</answer>")}
         edited = original.replace("The caption of", "The image of").replace("the description of", "the image of")
-        return {"content": re.sub(r"</?(reasoning|answer)>", "", edited) if i == TAGS_LOST else edited}
+        return {"content": {TAGS_LOST: re.sub(r"</?(reasoning|answer)>", "", edited),
+                            REWRITE_FENCED: f"```xml\n{edited}\n```",
+                            REWRITE_PREFACED: f"Sure, here is the edited text:\n\n{edited}",
+                            REWRITE_TRAILING: f"{edited}\n\n{REMARK}"
+                            }.get(i, edited)}
     if model == "judge":
         answer = text.split("\nAnswer:\n")[-1].split("\n\nDoes the answer")[0]
         said = {JUDGE_EXPLAINS: "Yes, the answer matches the ground truth.", JUDGE_YES_DOT: "Yes.",
-                JUDGE_YES_LOWER: "yes", JUDGE_YES_SPACED: " yes\n", JUDGE_NO_BOLD: "**No**"}
+                JUDGE_YES_LOWER: "yes", JUDGE_YES_SPACED: " yes\n", JUDGE_NO_BOLD: "**No**",
+                JUDGE_YES_BOLD: "**Yes**", JUDGE_AMBIGUOUS: "Yes and no"}
         return {"content": said.get(i, "Yes" if f"the answer is {gt}." in answer else "No")}
     raise AssertionError(model)
 
@@ -204,16 +222,108 @@ def cached_ids(out, step):
 
 # ---------------------------------------------------------------------------- the filters' edges
 
-def test_words_changed_counts_edits_and_verdicts_are_one_word():
+def test_words_changed_counts_edits():
     text = "the caption shows two red squares and one blue circle"
     assert build_data.words_changed(text, text.replace("caption", "image")) == 1
     assert build_data.words_changed(text, "  the caption shows\n two red squares and one blue circle ") == 0
     assert build_data.words_changed(text, text.replace("the caption shows", "we see")) == 3       # 3 words -> 2
     assert build_data.words_changed(text, text + " x" * 15) == 15 and build_data.words_changed(text, text + " x" * 16) == 16
     assert build_data.words_changed(text, "the caption shows two squares") == 5                   # 5 deleted
-    for said, v in [("Yes", "Yes"), ("Yes.", "Yes"), ("yes", "Yes"), (" yes\n", "Yes"), ("**No**", "No"),
-                    ("No", "No"), ("no.", "No"), ("Yes, it matches.", None), ("The answer is correct.", None), ("", None)]:
-        assert build_data.verdict(said) == v, said
+
+
+EXPLAINED, MARKUP = "verdict with explanation", "verdict with markup"
+VERDICTS = [  # what a judge said -> (verdict, forms repaired), or None: dropped
+    ("Yes", ("Yes", ())), ("Yes.", ("Yes", ())), ("yes", ("Yes", ())), (" yes\n", ("Yes", ())),
+    ("No", ("No", ())), ("no.", ("No", ())), ("NO!", ("No", ())),
+    ("**No**", ("No", (MARKUP,))), ("'Yes'", ("Yes", (MARKUP,))), ("`yes`", ("Yes", (MARKUP,))),
+    ("**Yes.**", ("Yes", (MARKUP,))), ("_No_", ("No", (MARKUP,))),
+    ("\u201cYes\u201d", ("Yes", (MARKUP,))),
+    ("Yes. The answer matches.", ("Yes", (EXPLAINED,))),
+    ("Yes, the answer is correct", ("Yes", (EXPLAINED,))),
+    ("Yes, it matches.", ("Yes", (EXPLAINED,))),
+    ("No\nThe count differs.", ("No", (EXPLAINED,))), ("Yes: both say 4.", ("Yes", (EXPLAINED,))),
+    ("No (it says 5)", ("No", (EXPLAINED,))),
+    ("**No** - the count differs", ("No", (EXPLAINED, MARKUP))),
+    ("**Yes**, both are 4.", ("Yes", (EXPLAINED, MARKUP))),
+    ("Yes and no", None), ("Yes/No", None), ("Yes?", None), ("Yes, but the units differ.", None),
+    ("No - wait, yes.", None), ("Yes. No.", None), ("Yes or no: yes", None),
+    ("The answer is wrong.", None), ("The answer is correct.", None), ("I cannot tell.", None),
+    ("", None), ("Yesterday's answer", None), ("Noted.", None), ("Verdict: Yes", None),
+]
+
+
+@pytest.mark.parametrize("said, expected", VERDICTS)
+def test_verdict_reads_a_clear_yes_or_no_first_and_nothing_else(said, expected):
+    assert build_data.verdict(said) == expected
+
+
+CAPTION = "A grey image with 3 objects."
+UNWRAPPED = [  # a caption, or the content of any reply -> (what the step reads, forms repaired)
+    (CAPTION, (CAPTION, ())),
+    (f"```\n{CAPTION}\n```", (CAPTION, ("code fence",))),
+    (f"```markdown\n{CAPTION}\n```\n", (CAPTION, ("code fence",))),
+    (f"Here is a detailed description:\n{CAPTION}", (CAPTION, ("preface",))),
+    (f"Sure! Here's a detailed description of the image:\n\n```\n{CAPTION}\n```",
+     (CAPTION, ("preface", "code fence"))),
+    ("Certainly:\nYes", ("Yes", ("preface",))),
+    ("```\n```", ("", ("code fence",))),  # then an empty reply
+]
+AS_IS = [  # replies unwrap leaves as they are
+    "Here is a detailed description:\n",                 # nothing after the preface
+    "A table with two columns:\n| a | b |",              # a caption's own first line
+    "Here is a bar chart with three bars:\n- red: 4",    # pointing at the image, not at the reply
+    "The screenshot shows code:\n```python\nx = 1\n```",  # a fence that is part of the caption
+    "```python\nx = 1\n```\nand below it:\n```\ny\n```",  # two fenced blocks, not one around it all
+]
+
+
+@pytest.mark.parametrize("reply, expected", UNWRAPPED + [(t, (t.strip(), ())) for t in AS_IS])
+def test_unwrap_takes_off_a_preface_line_and_a_fence_around_the_whole_only(reply, expected):
+    assert build_data.unwrap(reply) == expected
+
+
+SPAN = "<reasoning>\nThe image shows 3.\n</reasoning>\n<answer>\nThe answer is 3.\n</answer>"
+LOST = "rewrite lost the <reasoning>/<answer> tags"
+REPEATED = "rewrite repeats the <reasoning>/<answer> tags"
+TAGGED = [  # a rewrite reply -> the forms around its span, or why it has none
+    (SPAN, ()), (f"```xml\n{SPAN}\n```", ("code fence",)), (f"```\n{SPAN}\n```", ("code fence",)),
+    (f"Sure, here is the edited text:\n\n{SPAN}", ("preface",)),
+    (f"{SPAN}\n\nI replaced two references to the caption.", ("trailing text",)),
+    (f"Edited:\n```\n{SPAN}\n```\nLet me know.", ("code fence", "preface", "trailing text")),
+    (f"```\n{SPAN}", ("preface",)),  # a fence never closed is text before the span
+    (SPAN.replace("<answer>", "").replace("</answer>", ""), LOST),
+    ("The image shows 3. The answer is 3.", LOST),
+    (f"Original:\n{SPAN}\nEdited:\n{SPAN}", REPEATED),
+]
+
+
+@pytest.mark.parametrize("reply, expected", TAGGED)
+def test_tagged_span_is_read_wherever_it_is_and_alone(reply, expected):
+    found = build_data.tagged_span(reply)
+    if isinstance(expected, str):
+        assert found == expected
+    else:
+        assert found == (SPAN, "The image shows 3.", "The answer is 3.", expected)
+
+
+THINK = [  # a reasoning model's reply -> (reasoning, content, forms repaired)
+    ({"reasoning": "r", "content": "a"}, ("r", "a", ())),
+    ({"content": "<think>\nr\n</think>\n\na"}, ("r", "a", ())),
+    ({"content": "r\n</think>\na"}, ("r", "a", ())),  # <think> was in the prompt
+    ({"content": "```\n<think>\nr\n</think>\n```\n\na"}, ("r", "a", ("code fence",))),
+    ({"content": "```xml\n<think>\nr\n</think>\n\na\n```"}, ("r", "a", ("code fence",))),
+    ({"content": "a"}, ("", "a", ())),
+]
+
+
+@pytest.mark.parametrize("reply, expected", THINK)
+def test_split_reasoning_reads_past_a_fence_around_the_think_block(reply, expected):
+    assert build_data.split_reasoning(reply) == expected
+
+
+def test_docstring_examples_are_true():
+    result = doctest.testmod(build_data)
+    assert result.attempted > 0 and result.failed == 0
 
 
 # ---------------------------------------------------------------------------- the whole build
@@ -233,16 +343,25 @@ def test_build_end_to_end_keeps_drops_and_counts_as_scripted(tmp_path, server_fo
     assert dropped == {"caption": {"empty reply": 1, "refused": 1, "cut at the token limit": 1},
                        "reason": {"no reasoning in the reply": 1},
                        "rewrite": {"rewrite changed more than 15 words": 1, "rewrite lost the <reasoning>/<answer> tags": 1},
-                       "verify": {"judged wrong": 2, "no one-word verdict": 1}}
+                       "verify": {"judged wrong": 2, "no clear Yes or No first": 1}}
     assert {index(r["id"]) for r in rl} == {AHA_IN_REASONING, AHA_IN_ANSWER, AHA_AGAIN_INSIDE_A_WORD}
-    assert {index(r["id"]) for r in sft} == {EDITS_15, JUDGE_YES_DOT, JUDGE_YES_LOWER, JUDGE_YES_SPACED, *range(16, 25)}
+    habits = range(CAPTION_FENCED, JUDGE_AMBIGUOUS)  # each read past, and the record kept
+    plain = {EDITS_15, JUDGE_EXPLAINS, JUDGE_YES_DOT, JUDGE_YES_LOWER, JUDGE_YES_SPACED, 24}
+    assert {index(r["id"]) for r in sft} == {*plain, *habits}
+    repaired = {step: {form: c["all"] for form, c in forms.items()}
+                for step, forms in stats["repaired"].items()}
+    assert repaired == {"caption": {"code fence": 1, "preface": 1}, "reason": {"code fence": 1},
+                        "rewrite": {"code fence": 1, "preface": 1, "trailing text": 1},
+                        "verify": {"verdict with explanation": 1, "verdict with markup": 1}}
+    by_source = stats["repaired"]["verify"]["verdict with markup"]
+    assert sum(c for k, c in by_source.items() if k != "all") == 1  # per source, as kept is
     kept = {stage: c["all"] for stage, c in stats["kept"].items()}
     assert kept == {"input": 25, "caption": 22, "reason": 21, "rewrite": 19, "verify": 16, "sft": 13, "rl": 3}
     assert sum(c for k, c in stats["kept"]["input"].items() if k != "all") == 25  # per source, Table 1 style
     assert stats["tokens"]["verify"]["completion"] == 7 * 19 and stats["run"]["calls"] == 25 + 22 + 21 + 19
 
     # what the models were asked: the image, then the caption + extras + question, never the image again
-    r0, digit = records[16], next(r for r in records[16:25] if r["verifier_type"] == "digit")
+    r0, digit = records[24], next(r for r in records[4:25] if r["verifier_type"] == "digit")
     assert "Scene description:" in reasoner.texts["r1", digit["id"]]     # a record's extras go along
     assert build_data.CAPTION_PROMPT in server.texts["cap", r0["id"]] and r0["question"] in reasoner.texts["r1", r0["id"]]
     assert f"A grey image ({r0['id']})" in reasoner.texts["r1", r0["id"]]
@@ -251,6 +370,16 @@ def test_build_end_to_end_keeps_drops_and_counts_as_scripted(tmp_path, server_fo
     assert row["answer"] == (f"<think>\nThe image of {r0['id']} lists the objects. So it is done.\n</think>\n<answer>\n"
                              f"According to the image of {r0['id']}, the answer is {gt_text(r0['gt'])}.\n</answer>")
     assert row["verifier_type"] == r0["verifier_type"] and row["gt"] == r0["gt"] and row["image"] == r0["image"]
+    # a reply read past its habits gives what a plain reply gives: the caption the reasoning model
+    # sees, the reasoning and the answer
+    for i in (CAPTION_FENCED, CAPTION_PREFACED):
+        rid, objects = records[i]["id"], len(records[i]["meta"]["objects"])
+        caption = f"A grey image ({rid}) with {objects} objects."
+        assert f"What you see:\n{caption}\n\n" in reasoner.texts["r1", rid]
+    for i in (THINK_FENCED, REWRITE_FENCED, REWRITE_PREFACED, REWRITE_TRAILING):
+        rid, gt = records[i]["id"], gt_text(records[i]["gt"])
+        same = row["answer"].replace(r0["id"], rid).replace(f"is {gt_text(r0['gt'])}.", f"is {gt}.")
+        assert next(r for r in sft if r["id"] == rid)["answer"] == same, i
     assert all(data.rewards.is_well_formed(r["answer"]) for r in sft + rl)
     assert all(not data.has_aha(r["answer"]) for r in sft) and all(data.has_aha(r["answer"]) for r in rl)
     loaded = data.load_records(str(out / "sft.jsonl"), image_root, need_answer=True)  # as sft.py does
