@@ -5,6 +5,7 @@ split, comparison tables, response length and "aha" phrases, training curves.
     python eval.py                        # toy split: toy policy, out/sft, out/grpo (if trained)
     python eval.py plot out/sft out/grpo  # reward and response length by step (paper's Figure 6)
     python eval.py aha out/grpo           # aha phrases in a GRPO run's logged rollouts, by step
+    python eval.py view out/grpo          # the logged groups, curves, eval items: one offline page
     accelerate launch --num_processes 8 eval.py --model out/grpo-3b \\
         --model Qwen/Qwen2.5-VL-3B-Instruct --benchmarks all --bench-root benchmarks/
 
@@ -37,6 +38,7 @@ import data
 import plumbing
 import rewards
 import toy
+import viewer
 from benchmarks import (BENCHMARKS, answer_text, dynamath_scores, make_judge, match, read_benchmark,
                         wemath_scores)
 
@@ -313,6 +315,8 @@ def default_models():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["view"]:  # the rollouts, curves and eval items as one offline HTML page
+        return viewer.main(argv[1:])
     if argv[:1] == ["plot"]:
         p = argparse.ArgumentParser(prog="eval.py plot",
                                     description="training curves of runs (paper Fig. 6)")

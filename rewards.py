@@ -217,6 +217,22 @@ def _to_unit(box, image_size):
     return [box[0] / w, box[1] / h, box[2] / w, box[3] / h]
 
 
+def unit_box(box_or_text, image_size=None):
+    """[x1, y1, x2, y2] in the [0, 1] frame of the image, read as iou_reward reads it (the one
+    definition: iou_reward and the rollout viewer use it), or None when there are not four finite
+    numbers or the frame has no area. An inverted box comes back as it is (iou_reward scores it 0).
+    >>> unit_box("<box>[28, 56, 84, 112]</box>", (112, 112))
+    [0.25, 0.5, 0.75, 1.0]
+    >>> unit_box([100, 0, 500, 1000])  # no frame: Qwen2-VL's 0-1000 grid
+    [0.1, 0.0, 0.5, 1.0]
+    """
+    box = _box(box_or_text) if box_or_text is not None else None
+    no_area = image_size is not None and not all(v > 0 for v in image_size)
+    if box is None or no_area:
+        return None
+    return _to_unit(box, image_size)
+
+
 def iou_reward(pred, gt, image_size=None):
     """The IoU in [0, 1] of two [x1, y1, x2, y2] boxes, no threshold (paper: continuous reward).
 
@@ -235,13 +251,12 @@ def iou_reward(pred, gt, image_size=None):
     >>> iou_reward("[0.5, 0.5, 0.1, 0.9]", [0, 0, 1, 1]), iou_reward("[1, 2, 3]", [0, 0, 1, 1])
     (0.0, 0.0)
     """
-    pred_box = _box(pred) if pred is not None else None
-    gt_box = _box(gt)
-    bad_size = image_size is not None and not all(v > 0 for v in image_size)
-    if pred_box is None or gt_box is None or bad_size:
+    pred_box = unit_box(pred, image_size)
+    gt_box = unit_box(gt, image_size)
+    if pred_box is None or gt_box is None:
         return 0.0
-    ax1, ay1, ax2, ay2 = _to_unit(pred_box, image_size)
-    bx1, by1, bx2, by2 = _to_unit(gt_box, image_size)
+    ax1, ay1, ax2, ay2 = pred_box
+    bx1, by1, bx2, by2 = gt_box
     if ax2 <= ax1 or ay2 <= ay1 or bx2 <= bx1 or by2 <= by1:
         return 0.0  # degenerate or inverted
     inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))

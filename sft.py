@@ -128,9 +128,7 @@ def main(argv=None):
     model.train()
     for step in range(run.step, total_steps):
         t0 = plumbing.clock(device)
-        lr = plumbing.cosine_lr(step, total_steps, args.warmup_ratio, args.lr, args.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = plumbing.set_lr(optimizer, step, total_steps, args)
         loss_sum = torch.zeros((), device=device)
         tokens = 0
         for micro_step in range(accum):
@@ -151,9 +149,7 @@ def main(argv=None):
                      skipped_updates=run.state["skipped_updates"], step_time_s=dt,
                      tokens_per_s=tokens * world / dt))
         run.save_if_due(model, processor, step + 1)
-    summary = run.finish(model, "loss", skipped_updates=run.state["skipped_updates"])
-    run.say(f"sft: loss {summary['loss_first_10pct']:.3f} (first 10% of steps) -> "
-            f"{summary['loss_last_10pct']:.3f} (last 10%)")
+    run.finish(model, "loss", "loss")
     accelerator.end_training()
     return model
 

@@ -50,11 +50,13 @@ def toy_split():
     return toy.data_path
 
 
-def rollout_args(G, max_new_tokens, temperature=1.0, gen_batch_size=64):
-    """The flags grpo.rollout reads, for tests that call it directly."""
-    import argparse
-    return argparse.Namespace(num_generations=G, max_new_tokens=max_new_tokens, temperature=temperature,
-                              gen_batch_size=gen_batch_size)
+def rollout_setup(model, processor, G, max_new_tokens, temperature=1.0, micro=64):
+    """What grpo.rollout and grpo.rollout_logprobs read of a plumbing.Setup, for tests that call them."""
+    from types import SimpleNamespace
+    args = SimpleNamespace(num_generations=G, max_new_tokens=max_new_tokens, temperature=temperature,
+                           gen_batch_size=64)
+    return SimpleNamespace(args=args, policy=model, processor=processor, max_prompt=None, synced_gpus=False,
+                           micro=micro)
 
 
 def read_jsonl(path):

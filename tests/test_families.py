@@ -17,7 +17,7 @@ import plumbing
 import rewards
 import sft
 import toy
-from conftest import FLOAT32, approx, read_jsonl, rollout_args
+from conftest import FLOAT32, approx, read_jsonl, rollout_setup
 
 FAMILIES = list(toy.FAMILIES)
 CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
@@ -89,7 +89,7 @@ def test_batched_and_cached_logprobs_match_one_at_a_time(family):
     model.eval()
     torch.manual_seed(0)
     recs = records(n=3)
-    ro = grpo.rollout(model, processor, recs, rollout_args(2, 5))
+    ro = grpo.rollout(rollout_setup(model, processor, 2, 5), recs)
     assert (ro.prompt_mask == 0).any()  # prompts of different lengths: the batch is padded
     n, rows = len(ro.texts), torch.arange(len(ro.texts))
     share = plumbing.can_share_prompts(model)
@@ -104,10 +104,10 @@ def test_batched_and_cached_logprobs_match_one_at_a_time(family):
                            image_grid_thw=prompt["image_grid_thw"],
                            mm_token_type_ids=data.mm_token_types(processor, ids)).logits[0, prompt["input_ids"].shape[1] - 1:-1]
             alone.append(torch.log_softmax(logits.float(), -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1))
-        plain = grpo.token_logprobs(model, ro, rows, 1.0)          # the definition: whole rows
-        fast = grpo.completion_logprobs(model, ro, rows, 1.0)      # each prompt once, where allowed
+        plain = grpo.token_logprobs(model, ro, rows, 1.0, fast=False)  # the definition: whole rows
+        fast = grpo.token_logprobs(model, ro, rows, 1.0)  # each prompt once, where the model allows
         ro.features = plumbing.encode_images(model, ro.pixels, ro.grids, batch_size=2)
-        cached = grpo.completion_logprobs(model, ro, rows, 1.0)
+        cached = grpo.token_logprobs(model, ro, rows, 1.0)
     for j in range(n):
         m = len(alone[j])
         assert torch.allclose(plain[j, :m], alone[j], **FLOAT32), (arch, j)
@@ -198,9 +198,10 @@ def test_boxes_are_scored_in_the_frame_each_family_writes(family, tmp_path):
 RESIZED = {14: ((112, 56), (56, 112)), 16: ((128, 32), (32, 128))}
 
 
-def test_boxes_on_resized_non_square_images_score_in_the_frame_the_model_saw(family, tmp_path):
+def test_boxes_on_resized_non_square_images_score_in_the_frame_the_model_saw(
+        family, tmp_path, monkeypatch):
     """Non-square images that the processor resizes, through the real path of each stage: the
-    prompt's image_grid_thw -> data.box_frame -> rewards.iou_reward, in grpo.score (rollouts) and
+    prompt's image_grid_thw -> data.box_frame -> rewards.iou_reward, in grpo.sample (rollouts) and
     in plumbing.greedy_answers' rows -> plumbing.heldout_scores (held-out accuracy, eval.py's toy).
     Qwen2.5-VL's box is in pixels of the resized image, the others' on a 0-1000 grid of it: the box
     each family writes scores 1, and the same box read in the original size or with width and height
@@ -234,14 +235,26 @@ def test_boxes_on_resized_non_square_images_score_in_the_frame_the_model_saw(fam
         other = RESIZED[patch][0 if rec is recs[1] else 1]  # the other image's
         for wrong in (original, original[::-1], other):  # not the frame of the image the model saw
             assert rewards.iou_reward(box(rec, frame), rec["gt"], wrong) < 0.5
-    # grpo.py: a real rollout of both prompts, its completions replaced by the family's boxes
+    # grpo.py's steps 1-3 (grpo.sample): a real rollout of both prompts, its completions then
+    # replaced by the boxes the family writes, scored
+    frames = {rec["id"]: frame for rec, frame in zip(recs, seen)}
+    real_rollout = grpo.rollout
+
+    def rollout_writing_the_boxes(s, records):
+        ro = real_rollout(s, records)
+        ro.texts = [answer(r, frames[r["id"]]) for r in ro.records for _ in range(ro.G)]
+        return ro
+    monkeypatch.setattr(grpo, "rollout", rollout_writing_the_boxes)
+    s = rollout_setup(model, processor, 2, 2)
+    s.args.__dict__.update(seed=0, rollout_batch_size=2, reward_beta=0.0)
+    s.__dict__.update(accelerator=Accelerator(), records=recs, scorer=None)
     torch.manual_seed(0)
-    ro = grpo.rollout(model, processor, recs, rollout_args(2, 2))
-    assert ro.box_frames == seen
-    ro.texts = [answer(rec, frame) for rec, frame in zip(recs, seen) for _ in range(2)]
-    assert grpo.score(ro, None, 0.0).tolist() == pytest.approx([1.0] * 4)
+    ro = grpo.sample(s, 0, 0, plumbing.PhaseClock(model.device))
+    assert sorted(r["id"] for r in ro.records) == sorted(frames)  # both prompts
+    assert ro.box_frames == [frames[r["id"]] for r in ro.records]
+    assert ro.rewards.tolist() == pytest.approx([1.0] * 4)
     # held-out accuracy, eval.py: greedy rows carry the frame, heldout_scores reads boxes in it
-    answers = plumbing.greedy_answers(model, processor, recs, Accelerator(), 2, 2)
+    answers = plumbing.greedy_answers(model, processor, recs, s.accelerator, 2, 2)
     rows = [row for rows in answers for row in rows]
     assert [row["image_size"] for row in rows] == seen
     rows = [dict(row, response=answer(rec, frame)) for row, rec, frame in zip(rows, recs, seen)]

@@ -1,7 +1,6 @@
 """grpo.py: each piece of the algorithm against a hand computation or the paper's equation,
 the VLM bookkeeping that breaks public codebases (docs/pitfalls.md), and whole runs on the tiny
 toy model (two ranks, resume, a NaN that must be skipped)."""
-import argparse
 import json
 import math
 import os
@@ -20,7 +19,7 @@ import data
 import grpo
 import plumbing
 import toy
-from conftest import FLOAT32, ROOT, approx, read_jsonl, rewind_run, rollout_args, run_two_ranks
+from conftest import FLOAT32, ROOT, approx, read_jsonl, rewind_run, rollout_setup, run_two_ranks
 
 
 # ---------------------------------------------------------------------------- the pieces
@@ -222,7 +221,7 @@ def toy_rollout(model, processor, n_prompts, G, max_new_tokens=6, temperature=1.
     two = next(r for r in records if len(r["image_paths"]) == 2)
     records = records[:n_prompts - 1] + [two]
     torch.manual_seed(0)
-    return grpo.rollout(model, processor, records, rollout_args(G, max_new_tokens, temperature)), records
+    return grpo.rollout(rollout_setup(model, processor, G, max_new_tokens, temperature), records), records
 
 
 def test_rollout_tensors_line_up_with_the_generated_samples(tiny):
@@ -288,16 +287,16 @@ def test_one_update_gradient_equals_the_papers_objective(tiny):
     torch.manual_seed(1)
     noise_old = torch.randn(ro.completion_mask.shape) * 0.1
     noise_ref = torch.randn(ro.completion_mask.shape) * 0.1
-    s = argparse.Namespace(args=argparse.Namespace(temperature=T), micro=3)  # what rollout_logprobs reads
+    s = rollout_setup(model, processor, G, 6, temperature=T, micro=3)
     current = grpo.rollout_logprobs(s, model, ro)   # (n, T), micro-batches of 3
     ro.old_logprobs, ro.ref_logprobs = current + noise_old, current + noise_ref
 
     # (a) what grpo.py computes: the definition (whole rows) and the fast path (each prompt run once)
     rows = torch.tensor([2, 0, 3, 1])
     ours = []
-    for logprobs_fn in (grpo.token_logprobs, plumbing.shared_prompt_logprobs):
+    for fast in (False, True):
         model.zero_grad()
-        logp = logprobs_fn(model, ro, rows, T)
+        logp = grpo.token_logprobs(model, ro, rows, T, fast=fast)
         width = logp.shape[1]
         loss, _ = grpo.policy_loss(logp, ro.old_logprobs[rows, :width], ro.advantages[rows],
                                    ro.completion_mask[rows, :width], 0.2, 0.2,
@@ -341,11 +340,11 @@ def test_cached_vision_features_give_the_same_logprobs(tiny):
     ro, _ = toy_rollout(model, processor, 3, 2)
     rows = torch.tensor([0, 5, 2, 3])
     with torch.no_grad():
-        from_pixels = grpo.completion_logprobs(model, ro, rows, 1.0)
+        from_pixels = grpo.token_logprobs(model, ro, rows, 1.0)
         ro.features = plumbing.encode_images(model, ro.pixels, ro.grids, batch_size=2)
         ro.pixels = None  # the forwards must not need them
-        from_cache = grpo.completion_logprobs(model, ro, rows, 1.0)
-        plain_from_cache = grpo.token_logprobs(model, ro, rows, 1.0)
+        from_cache = grpo.token_logprobs(model, ro, rows, 1.0)
+        plain_from_cache = grpo.token_logprobs(model, ro, rows, 1.0, fast=False)
     assert torch.allclose(from_pixels, from_cache, **FLOAT32)
     assert torch.allclose(from_pixels, plain_from_cache, **FLOAT32)
 
@@ -416,7 +415,7 @@ def test_a_nan_loss_is_skipped_and_counted(tmp_path, monkeypatch):
 def test_extra_forwards_only_when_needed(tmp_path, monkeypatch, extra, loads, forwards):
     """No old-log-prob forward when the ratio is provably 1, no reference model at KL 0."""
     counts = {"load": 0, "fwd": 0}
-    real_load, real_fwd = plumbing.load_model, grpo.completion_logprobs
+    real_load, real_fwd = plumbing.load_model, grpo.token_logprobs
 
     def load(*a, **k):
         counts["load"] += 1
@@ -427,7 +426,7 @@ def test_extra_forwards_only_when_needed(tmp_path, monkeypatch, extra, loads, fo
         return real_fwd(*a, **k)
 
     monkeypatch.setattr(plumbing, "load_model", load)
-    monkeypatch.setattr(grpo, "completion_logprobs", fwd)
+    monkeypatch.setattr(grpo, "token_logprobs", fwd)
     args = [*GRPO_SMALL, "--max-steps", "2", "--train-batch-size", "16", "--kl-coef", "0", "--save-every", "0"]
     grpo.main([*args, *extra, "--output-dir", str(tmp_path / "g")])
     # 16 samples per step in micro-batches of 4: 4 forwards per pass over the step's samples, 2 steps
