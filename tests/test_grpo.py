@@ -459,12 +459,24 @@ TIMES = {"step_time_s", "time_generate_s", "time_reward_s", "time_vision_s", "ti
          "time_update_s"}
 
 
-def start_grpo(run_dir, *extra):
-    """grpo.py in a process of its own, on the CPU, as a user starts it; output in run_dir.log."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    with open(f"{run_dir}.log", "ab") as log:
-        return subprocess.Popen([sys.executable, *KILLED, "--output-dir", run_dir, *extra],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+@pytest.fixture
+def start_grpo():
+    """start_grpo(run_dir, *flags): grpo.py in a process of its own, on the CPU, as a user starts
+    it, its output in run_dir.log; any still running when the test ends is killed."""
+    procs = []
+
+    def start(run_dir, *extra):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        with open(f"{run_dir}.log", "ab") as log:
+            cmd = [sys.executable, *KILLED, "--output-dir", run_dir, *extra]
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+        return procs[-1]
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def wait_for(condition, proc, what, timeout=300):
@@ -502,7 +514,8 @@ def logged_steps(run_dir):
         return [json.loads(line)["step"] for line in f if line.endswith("\n")]
 
 
-def test_sigkill_mid_save_and_mid_step_then_resume_gives_the_uninterrupted_run(tmp_path):
+def test_sigkill_mid_save_and_mid_step_then_resume_gives_the_uninterrupted_run(
+        tmp_path, start_grpo):
     """Real SIGKILLs of grpo.py: first while it writes checkpoint-4, made deterministic from
     outside (state.json, the last file save_checkpoint writes into checkpoint-4.tmp, is a named pipe
     whose open() blocks until the kill); then, resumed from checkpoint-2, in the middle of step 4.
@@ -520,8 +533,10 @@ def test_sigkill_mid_save_and_mid_step_then_resume_gives_the_uninterrupted_run(t
     # 1. killed in save_checkpoint(step 4): all of checkpoint-4.tmp is written but state.json
     wait_for(lambda: os.path.isfile(os.path.join(tmp, "tokenizer_config.json")), first, "the save")
     time.sleep(0.2)  # it cannot get past opening the pipe: the kill lands in the save, whenever
+    if first.poll() is not None or os.path.exists(tmp[:-4]):
+        pytest.fail("the save went past checkpoint-4.tmp/state.json: the pipe no longer holds it")
     kill(first)
-    assert latest_checkpoint(out) == "checkpoint-2" and not os.path.exists(tmp[:-4])
+    assert latest_checkpoint(out) == "checkpoint-2"
     assert logged_steps(out) == [1, 2, 3, 4]  # the step's row is written before its checkpoint
     uninterrupted = load_file(os.path.join(tmp, "model.safetensors"))  # step 4's weights, complete
     logs = {name: read_jsonl(os.path.join(out, name))
