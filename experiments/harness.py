@@ -182,7 +182,8 @@ def curves_figure(out, arms, seeds, panels, path, title):
             ax.fill_between(steps, [min(c) for c in zip(*smooth)],
                             [max(c) for c in zip(*smooth)], color=f"C{colour}", alpha=0.2)
         ax.set(title=panel_title, xlabel="GRPO step")
-        ax.legend(fontsize="small")
+        if ax.get_lines():
+            ax.legend(fontsize="small")
     fig.suptitle(f"{title}; {len(seeds)} seed(s): mean and min-max band over seeds",
                  fontsize=10)
     fig.tight_layout()
