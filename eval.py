@@ -239,8 +239,9 @@ def behaviour_table(summaries):
 # Training runs: curves (paper Fig. 6) and aha phrases over steps
 
 def plot_runs(run_dirs, out_path):
-    """Reward and mean response length against step, one line per run on shared axes. A run
-    without a reward (SFT) is left out of those panels and its loss gets a panel of its own."""
+    """Reward (overall, then per verifier kind) and mean response length against step, one line
+    per run on shared axes (per kind: a colour per kind, a line style per run). A run without a
+    reward (SFT) is left out of those panels and its loss gets a panel of its own."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -248,14 +249,21 @@ def plot_runs(run_dirs, out_path):
     for run_dir in run_dirs:
         name = os.path.basename(os.path.normpath(run_dir))
         runs[name] = data.read_rows(os.path.join(run_dir, "metrics.jsonl"))
-    panels = [("reward_mean", "training reward (mean)"),
-              ("response_length_mean", "response length (tokens)")]
+    kinds = [k for k in rewards.KINDS
+             if any(f"reward/{k}" in r for rows in runs.values() for r in rows)]
+    panels = [("reward_mean", "training reward (mean)")]
+    if kinds:
+        panels.append(("reward/", "training reward per verifier kind"))
+    panels.append(("response_length_mean", "response length (tokens)"))
     no_reward = [name for name, rows in runs.items() if not any("reward_mean" in r for r in rows)]
     if no_reward:
         panels.append(("loss", "SFT loss (runs without a reward)"))
     colour = {name: f"C{i}" for i, name in enumerate(runs)}  # a run keeps its colour in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (key, panel_title) in zip(axes[0], panels):
+        if key == "reward/":
+            plot_kinds(ax, runs, kinds)
+            continue
         for name, rows in runs.items():
             if key == "loss" and name not in no_reward:
                 continue  # a GRPO run's policy loss is no SFT loss
@@ -264,11 +272,8 @@ def plot_runs(run_dirs, out_path):
                 print(f"plot: {name} has no {key}; left out of the {panel_title!r} panel")
                 continue
             steps, ys = zip(*points)
-            # a moving average over 5% of the run, the raw values faint behind it
-            span = max(1, len(ys) // 20)
-            windows = [ys[max(0, i - span + 1):i + 1] for i in range(len(ys))]
-            ax.plot(steps, ys, color=colour[name], alpha=0.25)
-            ax.plot(steps, [sum(w) / len(w) for w in windows], color=colour[name], label=name)
+            ax.plot(steps, ys, color=colour[name], alpha=0.25)  # the raw values faint behind
+            ax.plot(steps, moving_average(ys), color=colour[name], label=name)
         ax.set(title=panel_title, xlabel="step")
         ax.legend()
     fig.tight_layout()
@@ -276,6 +281,30 @@ def plot_runs(run_dirs, out_path):
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
     return out_path
+
+
+def moving_average(ys):
+    """The mean of the last 5% of a run's values at each step."""
+    span = max(1, len(ys) // 20)
+    windows = [ys[max(0, i - span + 1):i + 1] for i in range(len(ys))]
+    return [sum(w) / len(w) for w in windows]
+
+
+def plot_kinds(ax, runs, kinds):
+    """The training reward of each verifier kind, a colour per kind and a line style per run
+    (moving averages: a kind's reward is the mean over that step's samples of the kind)."""
+    styles = ["-", "--", ":", "-."]
+    for i, (name, rows) in enumerate(runs.items()):
+        for j, kind in enumerate(kinds):
+            points = [(r["step"], r[f"reward/{kind}"]) for r in rows if f"reward/{kind}" in r]
+            if not points:
+                continue
+            steps, ys = zip(*points)
+            label = kind if len(runs) == 1 else f"{name}: {kind}"
+            ax.plot(steps, moving_average(ys), color=f"C{j}", linestyle=styles[i % 4],
+                    label=label)
+    ax.set(title="training reward per verifier kind", xlabel="step")
+    ax.legend(fontsize="small")
 
 
 def logged_texts(row):

@@ -386,7 +386,8 @@ def write_jsonl(path, rows):
 def test_plot_and_rollout_aha(tmp_path, capsys):
     grpo, sft = tmp_path / "grpo", tmp_path / "sft"
     write_jsonl(grpo / "metrics.jsonl", [dict(step=s, reward_mean=0.1 + s / 100, response_length_mean=40 - s / 5,
-                                              loss=0.01) for s in range(1, 41)])
+                                              loss=0.01, **{"reward/digit": s / 40, "reward/iou": 0.5})
+                                         for s in range(1, 41)])
     write_jsonl(sft / "metrics.jsonl", [dict(step=s, loss=2.0 / s, lr=1e-3) for s in range(1, 21)])
     aha = "<think>Wait, alternatively 3.</think><answer>3</answer>"  # logged from step 31 on
     text = lambda s: aha if s > 30 else "<answer>3</answer>"  # noqa: E731
@@ -399,5 +400,12 @@ def test_plot_and_rollout_aha(tmp_path, capsys):
     assert "sft has no reward_mean" in printed and "sft has no response_length_mean" in printed
     table = ev.rollout_aha(str(grpo), bins=4).splitlines()
     assert table[2].startswith("| 1-10 | 38.9 | 20 | 0 |") and table[5].startswith("| 31-40 | 32.9 | 20 | 20 | 20 |")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()  # the per-kind panel: a line per verifier kind, its moving average
+    ev.plot_kinds(ax, {"grpo": ev.data.read_rows(grpo / "metrics.jsonl")}, ["digit", "iou"])
+    lines = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
+    assert set(lines) == {"digit", "iou"} and lines["digit"][-1] == pytest.approx(sum(range(39, 41)) / 2 / 40)
+    assert list(lines["iou"]) == [0.5] * 40
+    plt.close(fig)
     ev.main(["aha", str(grpo), "--bins", "4"])
     assert "| 31-40 |" in capsys.readouterr().out

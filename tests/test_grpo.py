@@ -349,6 +349,23 @@ def test_cached_vision_features_give_the_same_logprobs(tiny):
     assert torch.allclose(from_pixels, plain_from_cache, **FLOAT32)
 
 
+def test_optimise_applies_the_gradient_of_the_whole_batch_loss_for_each_aggregation(tmp_path):
+    """An update accumulated over micro-batches of 2 and all-reduced over 2 ranks applies the gradient of
+    (4) written out over the whole train batch, for --loss-agg seq, token and dr_grpo (the micro-batch
+    weights and DAPO's rank factor; tests/check_optimise.py)."""
+    import check_optimise
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    check_optimise.main(str(one))
+    run_two_ranks("tests/check_optimise.py", str(two))
+    for path, ranks in ((one, 1), (two, 2)):
+        results = json.load(open(path))
+        assert set(results) == {"seq", "token", "dr_grpo"}
+        for how, r in results.items():
+            assert r["ranks"] == ranks and r["samples"] == 16
+            assert r["max_abs_grad"] > 1e-4, how  # the update moves something
+            assert r["max_abs_diff"] <= FLOAT32["atol"] + FLOAT32["rtol"] * r["max_abs_grad"], (ranks, how, r)
+
+
 # ---------------------------------------------------------------------------- whole runs on the toy
 
 GRPO_SMALL = ["--model", "toy-base", "--rollout-batch-size", "4", "-G", "4", "--train-batch-size", "8",
