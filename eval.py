@@ -145,31 +145,56 @@ def start_over_if_stale(model_dir, settings, accelerator):
 # ----------------------------------------------------------------------------------------
 # Scoring and reports
 
+def item_result(name, item, row):
+    """One item's result row, before its score: the toy's records are read by the format gate
+    (no well-formed answer scores 0), the benchmarks' responses by the authors' rule."""
+    images = item.get("image_paths") or item.get("image")
+    images = images if isinstance(images, list) else [images]
+    response = row["response"]
+    well_formed = rewards.is_well_formed(response)
+    result = dict(id=item["id"], benchmark=name, kind=item.get("kind") or item.get("type"),
+                  image_paths=[os.path.abspath(x) for x in images if isinstance(x, str)],
+                  question=item.get("question") or item.get("prompt"),
+                  reference=item["gt"] if name == "toy" else item["answer"], response=response,
+                  well_formed=well_formed, truncated=row.get("truncated"), length=row["length"],
+                  box_frame=row.get("image_size"))
+    if name == "toy":
+        result["extracted"] = rewards.extract_answer(response) if well_formed else None
+        if not well_formed:
+            result["reason"] = "not <think>...</think><answer>...</answer>: the format gate gives 0"
+    else:
+        result["extracted"] = answer_text(response)
+        if rewards.extract_answer(response) is None:
+            result["reason"] = "no single <answer> block: the whole response was read"
+    return result
+
+
 def score(name, items, rows, judge=None):
-    """(summary, per-item results) of one benchmark from its generated rows {id: row}."""
+    """(summary, per-item results) of one benchmark from its generated rows {id: row}. A result
+    holds what the model saw and wrote and how it was scored (viewer.py shows them): the item's
+    question, images and reference, the response, the answer the scorer read, the score and,
+    where there is one, the reason it is not 1."""
+    results = [item_result(name, it, rows[it["id"]]) for it in items]
     if name == "toy":  # grpo.py's held-out accuracy: the format-gated reward, mean IoU for boxes
         scores = plumbing.heldout_scores([rows[it["id"]] for it in items], items)
-        results = []
-        for it, s in zip(items, scores):
-            pred = rewards.extract_answer(rows[it["id"]]["response"])
-            results.append(dict(id=it["id"], answer=it["gt"], pred=pred, score=s))
+        for r, s in zip(results, scores):
+            r["score"] = s
+            if r["kind"] == "iou" and r["well_formed"]:
+                r["reason"] = f"IoU {s:.2f} in the {r['box_frame'] or '0-1000'} frame"
     else:  # the authors' answer rule, then each benchmark's scoring rule
-        results = []
-        for it in items:
-            pred = answer_text(rows[it["id"]]["response"])
-            results.append(dict(id=it["id"], answer=it["answer"], pred=pred))
         for it, r in zip(items, results):
-            r["score"] = match(it, r["pred"], rows[it["id"]].get("image_size"))
+            r["score"] = match(it, r["extracted"], r["box_frame"])
     # like VLMEvalKit: rules first, the LLM only where they did not find the right answer
     if judge and name != "toy":
         misses = [(it, r) for it, r in zip(items, results) if r["score"] < 1]
         with ThreadPoolExecutor(8) as pool:
-            extracted = list(pool.map(lambda m: judge(m[0], m[1]["pred"]), misses))
+            extracted = list(pool.map(lambda m: judge(m[0], m[1]["extracted"]), misses))
         for (it, r), pred in zip(misses, extracted):
             if pred:
-                r.update(judged=pred, score=match(it, pred, rows[it["id"]].get("image_size")))
+                r.update(judged=pred, score=match(it, pred, r["box_frame"]),
+                         reason=f"the judge read {pred!r}")
     scores = [r["score"] for r in results]
-    lengths = [rows[it["id"]]["length"] for it in items]
+    lengths = [r["length"] for r in results]
     summary = dict(n=len(scores), accuracy=100 * sum(scores) / len(scores),
                    response_length_mean=sum(lengths) / len(items))
     if name == "dynamath":

@@ -17,8 +17,10 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import benchmarks as bm  # noqa: E402
+import data  # noqa: E402
 import eval as ev  # noqa: E402
 import plumbing  # noqa: E402
+import toy  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 PUBLISHED = os.path.join(FIXTURES, "published")  # real test vectors: tests/fixtures/README.md
@@ -340,6 +342,26 @@ def test_all_six_benchmarks_end_to_end(tmp_path):
     table = (out / "results.md").read_text()
     assert "| model | MathVista | MathVision | MathVerse | DynaMath | WeMath | LogicVista | Avg |" in table
     assert len((out / "base" / "wemath.jsonl").read_text().splitlines()) == 7
+    # each item's result says what the model saw and wrote and how it was read (viewer.py shows it)
+    first, second = [json.loads(x) for x in (out / "base" / "mathvista.scores.jsonl").read_text().splitlines()[:2]]
+    items = ev.load_benchmark("mathvista", str(root))
+    assert (second["id"], second["reference"], second["score"]) == (items[1]["id"], items[1]["answer"], 1.0)
+    assert second["question"] == items[1]["prompt"] and second["image_paths"] == [os.path.abspath(items[1]["image"])]
+    assert second["extracted"] == items[1]["answer"] and second["well_formed"] and "reason" not in second
+    assert first["extracted"] == "" and first["score"] == 0 and first["benchmark"] == "mathvista"
+
+
+def test_toy_results_say_why_an_answer_scored_what_it_did(tmp_path):
+    out = tmp_path / "eval"
+    ev.main(["--model", "base=toy-base", "--limit", "6", "--output-dir", str(out), "--max-new-tokens", "4",
+             "--quiet"])
+    rows = [json.loads(x) for x in (out / "base" / "toy.scores.jsonl").read_text().splitlines()]
+    records = {r["id"]: r for r in data.load_records(*toy.data_path("test"))}
+    assert [r["id"] for r in rows] == [r["id"] for r in ev.load_benchmark("toy", limit=6)]
+    for r in rows:  # an untrained model writes no well-formed answer: every score is 0, and says why
+        assert r["reference"] == records[r["id"]]["gt"] and r["kind"] == records[r["id"]]["kind"]
+        assert r["score"] == 0 and r["extracted"] is None and not r["well_formed"]
+        assert r["reason"].startswith("not <think>") and r["length"] <= 4
 
 # ----------------------------------------------------------------------------- the LLM judge (a local stand-in server)
 
