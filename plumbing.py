@@ -734,7 +734,8 @@ def group_rows(ro, step, n):
                 length=int(ro.completion_mask[i].sum())))
         rows.append(dict(
             step=step, id=record["id"], kind=record["kind"], image=record["image"],
-            image_paths=record["image_paths"], question=record["question"],
+            image_paths=[os.path.abspath(p) for p in record["image_paths"]],
+            question=record["question"],
             reference=record["gt"], box_frame=ro.box_frames[p],
             box_image=record.get("box_image", 0), completions=completions))
     return rows
