@@ -315,7 +315,10 @@ def usable_records(s, step, seed):
     records, bad = data.step_records(s.records, s.args.rollout_batch_size, step, seed,
                                      acc.process_index, acc.num_processes,
                                      rule=data.size_rule(s.processor), skip_bad=s.args.skip_bad)
-    s.run.settle(bad, s.model, s.processor, step)
+    if s.run is not None:
+        s.run.settle(bad, s.model, s.processor, step)
+    elif bad:  # outside a Run (a test's own loop): nothing to save
+        raise bad[0]
     return records
 
 
