@@ -205,6 +205,7 @@ def decode_check(path):
 
 
 def check_size(path, width, height, rule):
+    """Raises BadRecord if the image processor refuses a `width` x `height` image (`rule`)."""
     problem = rule(width, height)
     if problem:
         raise BadRecord(f"image {path} is {width}x{height}, which the model's image processor "
@@ -262,7 +263,9 @@ def check_records(raw, image_root=None, need_answer=False, rule=None):
             except BadRecord:
                 pass  # cached; said per record below
 
-    with ThreadPoolExecutor(8) as pool:  # PIL decodes outside the GIL; a task per eighth
+    # PIL decodes outside the GIL. Eight tasks, not one per file: handing a small file to a
+    # thread costs about as much as decoding it
+    with ThreadPoolExecutor(8) as pool:
         list(pool.map(decode, [paths[k::8] for k in range(8)]))
     for i, (rec, _) in enumerate(results):
         try:
@@ -270,12 +273,11 @@ def check_records(raw, image_root=None, need_answer=False, rule=None):
                 check_size(path, *decode_check(path), rule)
         except BadRecord as e:
             results[i] = (None, e)
-    ok = [i for i, (rec, _) in enumerate(results) if rec]
-    problems = rewards.check_gts([(results[i][0]["kind"], results[i][0]["gt"],
-                                   results[i][0]["question"]) for i in ok])
-    for i, problem in zip(ok, problems):
+    ok = [(i, rec) for i, (rec, _) in enumerate(results) if rec]
+    problems = rewards.check_gts([(rec["kind"], rec["gt"], rec["question"]) for _, rec in ok])
+    for (i, rec), problem in zip(ok, problems):
         if problem:
-            gt = repr(results[i][0]["gt"])
+            gt = repr(rec["gt"])
             gt = gt if len(gt) <= 60 else gt[:57] + "..."
             results[i] = (None, BadRecord(f"ground truth {gt}: {problem}", problem))
     return results

@@ -246,8 +246,8 @@ def test_boxes_on_resized_non_square_images_score_in_the_frame_the_model_saw(
         return ro
     monkeypatch.setattr(grpo, "rollout", rollout_writing_the_boxes)
     s = rollout_setup(model, processor, 2, 2)
-    s.args.__dict__.update(seed=0, rollout_batch_size=2, reward_beta=0.0)
-    s.__dict__.update(accelerator=Accelerator(), records=recs, scorer=None)
+    s.args.__dict__.update(seed=0, rollout_batch_size=2, reward_beta=0.0, skip_bad=False)
+    s.__dict__.update(accelerator=Accelerator(), records=recs, scorer=None, run=None)
     torch.manual_seed(0)
     ro = grpo.sample(s, 0, 0, plumbing.PhaseClock(model.device))
     assert sorted(r["id"] for r in ro.records) == sorted(frames)  # both prompts
