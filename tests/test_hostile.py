@@ -21,8 +21,9 @@ import rewards
 import toy
 from conftest import ROOT, free_port, read_jsonl
 
-GRPO_TINY = ["--model", "toy-base", "--rollout-batch-size", "4", "-G", "2", "--train-batch-size", "8",
-             "--max-new-tokens", "8", "--eval-data", "", "--kl-coef", "0", "--quiet"]
+GRPO_TINY = ["--model", "toy-base", "--rollout-batch-size", "4", "-G", "2",
+             "--train-batch-size", "8", "--max-new-tokens", "8", "--eval-data", "",
+             "--kl-coef", "0", "--quiet"]
 SFT_TINY = ["--model", "toy-base", "--batch-size", "4", "--max-length", "512", "--quiet"]
 BUILD = ["build", "--caption-model", "m", "--reason-model", "m", "--rewrite-model", "m",
          "--verify-model", "m"]
@@ -37,7 +38,8 @@ sys.argv = [script, *argv]
 def breaking(real, now):
     def wrapped(*args, **kwargs):
         out = real(*args, **kwargs)
-        if now(*args) and os.path.exists(broken) and os.environ.get("RANK", "0") == os.environ.get("BREAK_RANK", "0"):
+        mine = os.environ.get("RANK", "0") == os.environ.get("BREAK_RANK", "0")
+        if now(*args) and os.path.exists(broken) and mine:
             os.replace(broken, target)  # the file changes on disk mid-run
         return out
     return wrapped
@@ -59,16 +61,17 @@ def png_bytes():
 def huge_png(path, side=40_000):
     """A valid PNG header of a side x side image in a tiny file (its pixels never fit in memory)."""
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                + chunk(b"IEND", b""))
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 def toy_records(tmp_path, n, kinds=("digit",), split="rl"):
-    """The first n toy records of `kinds`, each image copied to tmp_path/images/<id>-<k>.png (a file of
-    its own, so one can be broken alone). Returns (records, image root)."""
+    """The first n toy records of `kinds`, each image copied to tmp_path/images/<id>-<k>.png (a
+    file of its own, so one can be broken alone). Returns (records, image root)."""
     path, toy_root = toy.data_path(split)
     root = tmp_path / "images"
     root.mkdir(exist_ok=True)
@@ -131,14 +134,15 @@ def write(path, records):
     return str(path)
 
 
-def run(script, *args, env=None, break_mid_run=None, timeout=300):
-    """A script as a user runs it (or with a file broken mid-run: (target, broken copy, when))."""
+def run(script, *args, env=None, break_mid_run=None, launch=(sys.executable,)):
+    """A script started as a user starts it (or with a file broken mid-run: (target, broken copy,
+    when)); finish() waits for it."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    cmd = [sys.executable, script, *args]
+    cmd = [*launch, script, *args]
     if break_mid_run:
-        cmd = [sys.executable, break_script(break_mid_run[1]), script, *map(str, break_mid_run), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+        cmd = [*launch, break_script(break_mid_run[1]), script, *map(str, break_mid_run), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
 
 
 def break_script(beside):
@@ -161,7 +165,7 @@ def finish(proc, timeout=300):
 
 
 def assert_one_line_error(result, *words):
-    code, out, err = result
+    code, _, err = result
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and "Traceback" not in err and len(errors) == 1, err[-3000:]
     assert err.strip().splitlines()[-1] == errors[0]
@@ -196,9 +200,9 @@ def test_image_paths_stay_under_the_root_unless_absolute(hostile, tmp_path):
     records, root = hostile
     outside = str(tmp_path / "outside.png")
     inside = records[0]["image"]
-    cases = [({"image": "/" + inside}, os.path.join(root, inside)),  # the released files' leading slash
+    cases = [({"image": "/" + inside}, os.path.join(root, inside)),  # the released leading slash
              ({"image": f"x/../{inside}"}, os.path.join(root, f"x/../{inside}")),  # stays inside
-             ({"image": outside}, outside)]                              # absolute: the user's own choice
+             ({"image": outside}, outside)]                              # absolute: the user's own
     for change, where in cases:
         loaded = data.check_record({**records[0], **change}, root, need_answer=False)
         assert loaded["image_paths"] == [where]
@@ -230,7 +234,8 @@ def test_image_sizes_are_checked_by_the_processor_the_run_loads(base_model, monk
 
     def refusing_small(height, width, factor, **kwargs):
         if min(height, width) < factor:
-            raise ValueError(f"height:{height} or width:{width} must be larger than factor:{factor}")
+            raise ValueError(f"height:{height} or width:{width} must be larger than "
+                             f"factor:{factor}")
         return real(height, width, factor, **kwargs)
 
     monkeypatch.setattr(module, "smart_resize", refusing_small)
@@ -253,7 +258,8 @@ def test_stand_ins_are_fixed_by_the_step_and_never_shared(hostile, tmp_path):
     assert ids[0][2:] == good  # the usable records keep their places
     again = data.step_records(loaded, 8, 1, 0, 0, 2, part=slice(0, 2), skip_bad=True)
     assert [r["id"] for r in again[0]] == ids[0][:2]  # a micro-batch's part: the same stand-ins
-    assert data.step_records(loaded, 8, 1, 0, 0, 2)[0] == [r for r in chosen[0][0] if r["id"] in good]
+    without = data.step_records(loaded, 8, 1, 0, 0, 2)[0]  # no --skip-bad: left out, not replaced
+    assert without == [r for r in chosen[0][0] if r["id"] in good]
 
 
 def test_an_option_text_ground_truth_is_scored_by_its_letter():
@@ -286,7 +292,8 @@ def test_skip_bad_runs_to_the_end_and_counts_each_reason(hostile, tmp_path):
     for _, _, reason in ROWS.values():
         counts[reason] = counts.get(reason, 0) + 1
     said = ", ".join(f"{n} x {reason}" for reason, n in sorted(counts.items()))
-    assert f"skipped {len(ROWS)} bad records of {len(records) + len(ROWS)} in {path}: {said}" in stdout
+    total = len(records) + len(ROWS)
+    assert f"skipped {len(ROWS)} bad records of {total} in {path}: {said}" in stdout
     assert json.load(open(os.path.join(out, "summary.json")))["steps"] == 1
 
 
@@ -297,10 +304,12 @@ def test_sft_eval_and_build_data_say_one_line(hostile, tmp_path):
     sft_data = write(tmp_path / "sft.jsonl", [bad_record(records[0], "truncated")] * 8)
     sft_run = run("sft.py", *SFT_TINY, "--data", sft_data, "--image-root", root, "--output-dir",
                   str(tmp_path / "sft"))
-    toy_dir = toy_dir_with_test_split(tmp_path, [bad_record(records[0], "aspect-267")] + records[:3], root)
-    eval_run = run("eval.py", "--model", "toy-base", "--output-dir", str(tmp_path / "eval"), "--quiet",
-                   env={"VLAA_TOY_DIR": toy_dir})
-    build_data = write(tmp_path / "in.jsonl", [records[0], bad_record(records[1], "iou-three-numbers")])
+    split = [bad_record(records[0], "aspect-267")] + records[:3]
+    toy_dir = toy_dir_with_test_split(tmp_path, split, root)
+    eval_run = run("eval.py", "--model", "toy-base", "--output-dir", str(tmp_path / "eval"),
+                   "--quiet", env={"VLAA_TOY_DIR": toy_dir})
+    build_data = write(tmp_path / "in.jsonl",
+                       [records[0], bad_record(records[1], "iou-three-numbers")])
     build_run = run("build_data.py", *BUILD, "--input", build_data, "--image-root", root, "--out",
                     str(tmp_path / "built"))
     assert_one_line_error(finish(sft_run), f"error: {sft_data}: record clevr_math-truncated: ",
@@ -308,7 +317,8 @@ def test_sft_eval_and_build_data_say_one_line(hostile, tmp_path):
     test_split = os.path.join(toy_dir, f"data-v{toy.VERSION}", "test.jsonl")
     assert_one_line_error(finish(eval_run), f"error: {test_split}: record clevr_math-aspect-267: ",
                           "8000x30", "absolute aspect ratio must be smaller than 200")
-    assert_one_line_error(finish(build_run), f"error: {build_data}: record clevr_math-iou-three-numbers: ",
+    assert_one_line_error(finish(build_run),
+                          f"error: {build_data}: record clevr_math-iou-three-numbers: ",
                           "ground truth [0.1, 0.2, 0.3]: " + rewards.GT_RULES["iou"])
 
 
@@ -321,7 +331,7 @@ def toy_dir_with_test_split(tmp_path, records, image_root):
         os.symlink(os.path.abspath(os.path.join(real, name)), fake / name)
     split_dir = fake / f"data-v{toy.VERSION}"
     for name in (".done", "sft.jsonl", "rl.jsonl"):
-        os.symlink(os.path.abspath(os.path.join(real, f"data-v{toy.VERSION}", name)), split_dir / name)
+        os.symlink(os.path.abspath(os.path.join(real, split_dir.name, name)), split_dir / name)
     os.symlink(image_root, split_dir / "images")
     write(split_dir / "test.jsonl", records)
     return str(fake)
@@ -329,20 +339,23 @@ def toy_dir_with_test_split(tmp_path, records, image_root):
 
 # ---------------------------------------------------------------------------- mid-run
 
-def test_a_file_broken_mid_run_stops_after_a_checkpoint_and_resume_skip_bad_finishes(hostile, tmp_path):
-    """Validation catches a truncated file before training; one truncated after loading (step 2 of 3)
-    stops grpo.py with one line after checkpoint-2, and --resume --skip-bad runs the last step."""
+def test_a_file_broken_mid_run_stops_after_a_checkpoint_and_resume_skip_bad_finishes(hostile,
+                                                                                     tmp_path):
+    """Loading catches a truncated file before training; one truncated after step 2 of 3 stops
+    grpo.py with one line after checkpoint-2, and --resume --skip-bad runs the last step."""
     records, root = hostile
     path = write(tmp_path / "d.jsonl", records)
-    victim = records[data.step_indices(len(records), 4, 2, 0, 0, 1)[1]]  # used by the third step only
+    victim = records[data.step_indices(len(records), 4, 2, 0, 0, 1)[1]]  # by the third step only
     target = os.path.join(root, first_image(victim))
     broken = str(tmp_path / "broken.png")
     shutil.copy(os.path.join(root, "x", "truncated.png"), broken)
     out = str(tmp_path / "g")
-    args = [*GRPO_TINY, "--data", path, "--image-root", root, "--output-dir", out, "--max-steps", "3"]
+    args = [*GRPO_TINY, "--data", path, "--image-root", root, "--output-dir", out,
+            "--max-steps", "3"]
     line = assert_one_line_error(finish(run("grpo.py", *args, break_mid_run=(target, broken, 2))))
-    assert line == (f"error: step 3: record {victim['id']}: unreadable image {target}: OSError: image file is "
-                    f"truncated; saved {out}/checkpoint-2: --resume --skip-bad continues, skipping it")
+    assert line == (f"error: step 3: record {victim['id']}: unreadable image {target}: OSError: "
+                    f"image file is truncated; saved {out}/checkpoint-2: --resume --skip-bad "
+                    "continues, skipping it")
     assert open(os.path.join(out, "latest")).read() == "checkpoint-2"
     code, stdout, err = finish(run("grpo.py", *args, "--resume", "--skip-bad"))
     assert code == 0 and "Traceback" not in err, err[-3000:]
@@ -369,15 +382,16 @@ def test_with_skip_bad_a_file_broken_mid_run_is_replaced_and_counted(hostile, tm
     shutil.copy(os.path.join(root, "x", "truncated.png"), eval_broken)
     toy_dir = toy_dir_with_test_split(tmp_path, items, eval_root)
     eval_target = os.path.join(toy_dir, f"data-v{toy.VERSION}", "images", first_image(items[2]))
-    eval_run = run("eval.py", "--model", "toy-base", "--output-dir", str(tmp_path / "eval"), "--quiet",
-                   "--max-new-tokens", "4", env={"VLAA_TOY_DIR": toy_dir},
+    eval_run = run("eval.py", "--model", "toy-base", "--output-dir", str(tmp_path / "eval"),
+                   "--quiet", "--max-new-tokens", "4", env={"VLAA_TOY_DIR": toy_dir},
                    break_mid_run=(eval_target, eval_broken, "load_model"))
     code, stdout, err = finish(sft_run)
     assert code == 0 and "Traceback" not in err, err[-3000:]
     assert f"step 2: skipped record {victim['id']}: unreadable image" in stdout
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["steps"] == 2 and summary["skipped_records"] == {"unreadable image": 1}
-    assert_one_line_error(finish(eval_run), f"error: record {items[2]['id']}: unreadable image {eval_target}")
+    assert_one_line_error(finish(eval_run),
+                          f"error: record {items[2]['id']}: unreadable image {eval_target}")
 
 
 def test_two_ranks_agree_to_stop_when_one_meets_a_broken_file(hostile, tmp_path):
@@ -391,11 +405,10 @@ def test_two_ranks_agree_to_stop_when_one_meets_a_broken_file(hostile, tmp_path)
     shutil.copy(os.path.join(root, "x", "truncated.png"), broken)
     out = str(tmp_path / "ddp")
     env = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "BREAK_RANK": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(free_port()), break_script(broken), "grpo.py", target, broken, "1"]
-    proc = subprocess.Popen([*launch, *GRPO_TINY, "--data", path, "--image-root", root, "--output-dir", out,
-                             "--max-steps", "3"], cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_port", str(free_port())]
+    proc = run("grpo.py", *GRPO_TINY, "--data", path, "--image-root", root, "--output-dir", out,
+               "--max-steps", "3", env=env, break_mid_run=(target, broken, 1), launch=launch)
     code, _, err = finish(proc, timeout=240)  # a rank left waiting on the other would hang here
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code != 0 and len(errors) == 1, err[-3000:]
