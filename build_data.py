@@ -453,10 +453,11 @@ def split_step(stats, records):
 
 
 def read_build_input(path, image_root, skip_bad, limit, stats):
-    """Validated input records (data.check_record, plus a unique `id` and a well-formed `extras`):
+    """Validated input records (data.check_records, plus a unique `id` and a well-formed `extras`):
     a bad one stops the build with file, id and reason, or with skip_bad is counted in stats."""
-    def check(item):
-        i, r = item
+    raw = data.read_json_records(path)[:limit or None]
+    seen, records = set(), []
+    for i, (r, (checked, error)) in enumerate(zip(raw, data.check_records(raw, image_root))):
         rid = r.get("id") if isinstance(r, dict) else None
         try:
             if not isinstance(r, dict):
@@ -466,24 +467,19 @@ def read_build_input(path, image_root, skip_bad, limit, stats):
             extras = r.get("extras") or {}
             if not isinstance(extras, dict) or not all(isinstance(v, str) for v in extras.values()):
                 raise data.BadRecord("'extras' must be a dict of label -> text")
-            return data.check_record(r, image_root, need_answer=False), None
+            if error:
+                raise error
+            if rid in seen:
+                raise data.BadRecord("duplicate id")
         except data.BadRecord as e:
-            return r, (f"{path}: record {rid if rid is not None else f'#{i}'}: {e}", str(e))
-
-    with ThreadPoolExecutor(8) as pool:  # image header checks are I/O bound
-        checked = list(pool.map(check, enumerate(data.read_json_records(path)[:limit or None])))
-    seen, records = set(), []
-    for r, error in checked:
-        if error is None and r["id"] in seen:
-            error = (f"{path}: record {r['id']}: duplicate id", "duplicate id")
-        if error and not skip_bad:
-            raise ValueError(error[0] + " (--skip-bad skips such records)")
-        if error:  # counted by reason, without the record-specific tail (a path, an id)
-            tally(stats["dropped"]["input"]["bad record: " + re.sub(r"^record [^:]*: ", "", error[1]).split(":")[0]], r)
-        else:
-            seen.add(r["id"])
-            records.append(r)
-            tally(stats["kept"]["input"], r)
+            if not skip_bad:
+                raise data.BadRecord(f"{path}: record {rid if rid is not None else f'#{i}'}: {e}",
+                                     e.reason) from None
+            tally(stats["dropped"]["input"]["bad record: " + e.reason], r)  # counted by reason
+            continue
+        seen.add(rid)
+        records.append(checked)
+        tally(stats["kept"]["input"], checked)
     return records
 
 

@@ -11,12 +11,20 @@ sometimes with a leading slash; ours: or a list of them, one placeholder each in
 order), `question` (MCQ options inline), `gt` (int, letter, text, box, solution), SFT files also
 `answer` = "<think>...</think><answer>...</answer>" (older records `ds_answer`), GRPO files
 `verifier_type`; ours: `box_image`, the index of the image a box answer refers to (default 0).
-Loaded records gain `kind` (the verifier, from rewards.verifier_for) and `image_paths` (absolute).
+Loaded records gain `kind` (the verifier, from rewards.verifier_for) and `image_paths` (where
+the images are: under the image root, or absolute).
+
+A record that loads is one a run can use to the end: loading decodes every image whole, asks the
+model's image processor whether it takes its size, and checks the ground truth against what its
+verifier needs (rewards.check_gt). A file that changes on disk after that is caught when its batch
+is made (step_records), never as a traceback in the middle of a step.
 """
 import io
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from stat import S_ISREG
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +82,9 @@ class BadRecord(ValueError):
         super().__init__(message)
         self.reason = reason or message
 
+    def __reduce__(self):  # whole through pickling (a DataLoader worker sends it back)
+        return BadRecord, (str(self), self.reason)
+
 
 def read_json_records(path):
     """A JSON array or JSON Lines (the released "*.json" SFT file is JSON Lines)."""
@@ -115,8 +126,95 @@ def read_hub_records(spec):
     return [dict(r) for r in ds]
 
 
-def check_record(r, image_root, need_answer):
-    """The record normalised (kind, image_paths), or raises BadRecord saying what is wrong."""
+# Qwen's smart_resize (every Qwen-VL family) refuses an image whose long side is over 200 times its
+# short side; the fixed limit checked when no processor is given.
+MAX_ASPECT_RATIO = 200
+
+
+def size_rule(processor=None):
+    """A function (width, height) -> None, or why the model's image processor refuses an image of
+    that size. With a processor (or its image processor): the processor's own smart_resize, at
+    its patch factor and pixel bounds, so whatever the installed transformers refuses is refused
+    when the data loads, not mid-run (5.24 refuses an aspect ratio over 200 and no small size;
+    earlier releases also refused a side shorter than the factor). Without: MAX_ASPECT_RATIO."""
+    image_processor = getattr(processor, "image_processor", processor)
+    module = sys.modules.get(type(image_processor).__module__)
+    resize = getattr(module, "smart_resize", None)
+    if image_processor is None or resize is None:
+        return qwen_size_rule
+    factor = image_processor.patch_size * image_processor.merge_size
+    size = dict(image_processor.size)
+
+    def rule(width, height):
+        try:
+            resize(height, width, factor=factor, min_pixels=size["shortest_edge"],
+                   max_pixels=size["longest_edge"])
+        except ValueError as e:
+            return str(e)
+        return None
+    return rule
+
+
+def qwen_size_rule(width, height):
+    """size_rule without a processor: Qwen's fixed limit."""
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > MAX_ASPECT_RATIO:
+        return f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got {ratio:g}"
+    return None
+
+
+def image_path(image, image_root):
+    """Where a record's `image` path points. A relative path is the data's: it lies under the
+    image root (or the working directory), and must not leave it through "..". A leading slash
+    is read under the root too where the file is there (the released files write one record so),
+    else the path is absolute: a file the user named, used as it is."""
+    root = image_root or ""
+    relative = image.lstrip("/")
+    path = os.path.join(root, relative)
+    if image.startswith("/") and not os.path.exists(path) and os.path.exists(image):
+        return image
+    if os.path.normpath(relative).split(os.sep)[0] == "..":
+        raise BadRecord(f"image path {image!r} leaves the image root {root or '.'} through '..'",
+                        "image path leaves the image root")
+    return path
+
+
+# Decoded image files: (path, size, mtime) -> (width, height) or why it cannot be decoded. A file
+# shared by many records is decoded once; a file changed on disk is decoded again.
+_DECODED = {}
+
+
+def decode_check(path):
+    """(width, height) of the image file at `path`, decoded whole as a batch decodes it (a header
+    alone passes a truncated file); raises BadRecord saying what is wrong."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        stat = None
+    if stat is None or not S_ISREG(stat.st_mode):  # a directory is no image either
+        raise BadRecord(f"image not found: {path}", "image not found")
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _DECODED:
+        try:
+            _DECODED[key] = _rgb(path).size
+        except Exception as e:  # whatever PIL raises on a damaged file (OSError, ValueError, ...)
+            _DECODED[key] = f"{type(e).__name__}: {e}"
+    if isinstance(_DECODED[key], str):
+        raise BadRecord(f"unreadable image {path}: {_DECODED[key]}", "unreadable image")
+    return _DECODED[key]
+
+
+def check_size(path, width, height, rule):
+    """Raises BadRecord if the image processor refuses a `width` x `height` image (`rule`)."""
+    problem = rule(width, height)
+    if problem:
+        raise BadRecord(f"image {path} is {width}x{height}, which the model's image processor "
+                        f"refuses: {problem}", "image size the processor refuses")
+
+
+def _check_fields(r, image_root, need_answer):
+    """The record normalised (kind, image_paths, answer), its images not yet opened; or raises
+    BadRecord saying what is wrong."""
     if not isinstance(r, dict):
         raise BadRecord("not a JSON object")
     images = r.get("image") if isinstance(r.get("image"), list) else [r.get("image")]
@@ -139,26 +237,68 @@ def check_record(r, image_root, need_answer):
         # "record 'x': unknown verifier_type 'y'": the reason is its words before the quote
         message = str(e).split(": ", 1)[-1]
         raise BadRecord(message, message.split("'")[0].strip()) from None
-    # The released files write image paths relative to the image root; one has a leading slash.
-    paths = [os.path.join(image_root or "", x.lstrip("/")) for x in images]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise BadRecord(f"image not found: {path}", "image not found")
-        try:
-            with Image.open(path) as im:  # reads the header only; cheap enough for 126K records
-                im.size
-        except Exception as e:
-            raise BadRecord(f"unreadable image {path}: {e}", "unreadable image") from None
+    paths = [image_path(x, image_root) for x in images]
     return {**r, "kind": kind, "image_paths": paths, "answer": answer}
 
 
+def check_records(raw, image_root=None, need_answer=False, rule=None):
+    """Checks many records at once: per record (normalised record, None) or (None, BadRecord).
+
+    The fields first; then every image file, decoded whole (in parallel, each file once) and its
+    size checked by `rule` (size_rule: the model's processor; default Qwen's fixed limit); then
+    each ground truth against its verifier's rule (rewards.check_gts: math on its worker pool)."""
+    rule = rule or size_rule()
+    results = []
+    for r in raw:
+        try:
+            results.append((_check_fields(r, image_root, need_answer), None))
+        except BadRecord as e:
+            results.append((None, e))
+    paths = sorted({p for rec, _ in results if rec for p in rec["image_paths"]})
+
+    def decode(some_paths):
+        for path in some_paths:
+            try:
+                decode_check(path)
+            except BadRecord:
+                pass  # cached; said per record below
+
+    # PIL decodes outside the GIL. Eight tasks, not one per file: handing a small file to a
+    # thread costs about as much as decoding it
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(decode, [paths[k::8] for k in range(8)]))
+    for i, (rec, _) in enumerate(results):
+        try:
+            for path in rec["image_paths"] if rec else []:
+                check_size(path, *decode_check(path), rule)
+        except BadRecord as e:
+            results[i] = (None, e)
+    ok = [(i, rec) for i, (rec, _) in enumerate(results) if rec]
+    problems = rewards.check_gts([(rec["kind"], rec["gt"], rec["question"]) for _, rec in ok])
+    for (i, rec), problem in zip(ok, problems):
+        if problem:
+            gt = repr(rec["gt"])
+            gt = gt if len(gt) <= 60 else gt[:57] + "..."
+            results[i] = (None, BadRecord(f"ground truth {gt}: {problem}", problem))
+    return results
+
+
+def check_record(r, image_root, need_answer, rule=None):
+    """The record normalised (kind, image_paths), or raises BadRecord saying what is wrong."""
+    record, error = check_records([r], image_root, need_answer, rule)[0]
+    if error:
+        raise error
+    return record
+
+
 def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_bad=False,
-                 limit=None):
+                 limit=None, rule=None):
     """Loads, validates and normalises every record of a VLAA-Thinking file (or hub dataset).
 
     A bad record raises BadRecord naming the file, the record id and what is wrong; with
     skip_bad=True it is counted, skipped, and the counts are printed. `kinds` keeps only
-    those verifier kinds (e.g. {"digit", "mcq"}); `limit` the first N records of those kinds."""
+    those verifier kinds (e.g. {"digit", "mcq"}); `limit` the first N records of those kinds;
+    `rule` is the model's image size rule (size_rule(processor); default Qwen's fixed limit)."""
     if os.path.exists(data):
         raw = read_json_records(data)
     elif data.endswith((".json", ".jsonl")) and data.count(":") == 0:
@@ -177,22 +317,12 @@ def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_b
         raw = [r for r in raw if wanted(r)]
     if limit:
         raw = raw[:limit]
-
-    def check(item):
-        i, r = item
-        try:
-            return check_record(r, image_root, need_answer), None
-        except BadRecord as e:
-            record_id = r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}"
-            return None, (f"{data}: record {record_id}: {e}", e.reason)
-
-    with ThreadPoolExecutor(8) as pool:  # image header checks are I/O bound
-        results = list(pool.map(check, enumerate(raw)))
     records = []
     errors = []
-    for rec, err in results:
-        if err:
-            errors.append(err)
+    for i, (r, (rec, e)) in enumerate(zip(raw, check_records(raw, image_root, need_answer, rule))):
+        if e:
+            record_id = r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}"
+            errors.append((f"{data}: record {record_id}: {e}", e.reason))
         elif kinds is None or rec["kind"] in kinds:
             records.append(rec)
     if errors and not skip_bad:
@@ -211,11 +341,37 @@ def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_b
 
 
 def load_images(record):
-    """The record's images as RGB, in order: from its checked `image_paths`, else its `image` (a
-    path, bytes, a PIL image, an undecoded Hugging Face image {"bytes", "path"} as benchmark
-    datasets hold them, or a list of these)."""
+    """The record's images as RGB, in order: those step_records decoded, else from its checked
+    `image_paths`, else its `image` (a path, bytes, a PIL image, an undecoded Hugging Face image
+    {"bytes", "path"} as benchmark datasets hold them, or a list of these)."""
+    if "loaded_images" in record:
+        return record["loaded_images"]
+    return [_rgb(x) for x in _image_sources(record)]
+
+
+def _image_sources(record):
     images = record.get("image_paths") or record["image"]
-    return [_rgb(x) for x in (images if isinstance(images, list) else [images])]
+    return images if isinstance(images, list) else [images]
+
+
+def with_images(record, rule=None):
+    """The record with its images decoded now (`loaded_images`, what load_images returns), for a
+    batch; raises BadRecord naming it and the file when one can no longer be used: changed on disk
+    since loading (gone, truncated) or of a size the image processor refuses (`rule`)."""
+    rule = rule or size_rule()
+    images = []
+    for source in _image_sources(record):
+        name = source if isinstance(source, str) else "its image"
+        try:
+            images.append(_rgb(source))
+        except Exception as e:  # whatever PIL or the file system raises
+            raise BadRecord(f"record {record.get('id')}: unreadable image {name}: "
+                            f"{type(e).__name__}: {e}", "unreadable image") from None
+        try:
+            check_size(name, *images[-1].size, rule)
+        except BadRecord as e:
+            raise BadRecord(f"record {record.get('id')}: {e}", e.reason) from None
+    return {**record, "loaded_images": images}
 
 
 def _rgb(x):
@@ -407,6 +563,46 @@ def step_indices(n_records, batch_size, step, seed, rank, world):
     is a new permutation; step s of it takes the global batch perm[s*B:(s+1)*B], and rank r every
     world-th record of it, so every rank gets the same number and no record is seen twice in an
     epoch."""
+    batch, _ = _step_batch(n_records, batch_size, step, seed)
+    return batch[rank::world].tolist()
+
+
+def _step_batch(n_records, batch_size, step, seed):
+    """(the global batch of `step`, the rest of its epoch's permutation after it, wrapping)."""
     epoch, pos = divmod(step, n_records // batch_size)
     order = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed + epoch))
-    return order[pos * batch_size:(pos + 1) * batch_size][rank::world].tolist()
+    start, end = pos * batch_size, (pos + 1) * batch_size
+    return order[start:end], torch.cat([order[end:], order[:start]])
+
+
+def step_records(records, batch_size, step, seed, rank, world, part=slice(None), rule=None,
+                 skip_bad=False):
+    """This rank's records of `step` (step_indices; `part` of them, e.g. one micro-batch's), each
+    with its images decoded now (with_images), and the BadRecords met: a record whose file
+    changed on disk since loading. Without skip_bad it is left out (the caller stops the run:
+    plumbing.Run.settle); with skip_bad it is replaced by the first usable record among its own
+    stand-ins, so every rank still has as many records as the others.
+
+    not in the paper: the stand-ins of the record at position p of the global batch are every
+    B-th record of the rest of the epoch's permutation, from p on - a fixed function of the step,
+    as step_indices is (a resumed run replaces alike), and no two positions on any rank share
+    one."""
+    batch, rest = _step_batch(len(records), batch_size, step, seed)
+    chosen, bad = [], []
+    for p in list(range(batch_size))[rank::world][part]:
+        try:
+            chosen.append(with_images(records[batch[p]], rule))
+            continue
+        except BadRecord as e:
+            bad.append(e)
+        for i in rest[p::batch_size].tolist() if skip_bad else []:  # its stand-ins, in order
+            try:
+                chosen.append(with_images(records[i], rule))
+                break
+            except BadRecord as e:
+                bad.append(e)
+        else:
+            if skip_bad:
+                raise BadRecord(f"step {step + 1}: no usable record left to stand in for "
+                                f"record {records[batch[p]].get('id')}")
+    return chosen, bad

@@ -81,6 +81,8 @@ def parse_args(argv=None):
     a("--judge-key-env", default="OPENAI_API_KEY",
       help="environment variable holding the judge's API key")
     a("--trust-remote-code", action="store_true")
+    a("--skip-bad", action="store_true",
+      help="count and skip items whose image cannot be read, instead of stopping")
     a("--quiet", action="store_true")
     args = p.parse_args(argv)
     for key, value in (TOY if args.benchmarks == "toy" else PAPER).items():
@@ -117,7 +119,7 @@ def generate_missing(model, processor, items, path, args, accelerator):
     todo = [it for it in items if it["id"] not in done]
     batches = math.ceil(math.ceil(len(todo) / accelerator.num_processes) / args.batch_size)
     answers = plumbing.greedy_answers(model, processor, todo, accelerator, args.batch_size,
-                                      args.max_new_tokens)
+                                      args.max_new_tokens, skip_bad=args.skip_bad)
     quiet = args.quiet or not accelerator.is_main_process
     with open(path, "a", encoding="utf-8") if accelerator.is_main_process else nullcontext() as f:
         for rows in tqdm(answers, total=batches, desc=os.path.basename(path), disable=quiet):
@@ -146,31 +148,56 @@ def start_over_if_stale(model_dir, settings, accelerator):
 # ----------------------------------------------------------------------------------------
 # Scoring and reports
 
+def item_result(name, item, row):
+    """One item's result row, before its score: the toy's records are read by the format gate
+    (no well-formed answer scores 0), the benchmarks' responses by the authors' rule."""
+    images = item.get("image_paths") or item.get("image")
+    images = images if isinstance(images, list) else [images]
+    response = row["response"]
+    well_formed = rewards.is_well_formed(response)
+    result = dict(id=item["id"], benchmark=name, kind=item.get("kind") or item.get("type"),
+                  image_paths=[os.path.abspath(x) for x in images if isinstance(x, str)],
+                  question=item.get("question") or item.get("prompt"),
+                  reference=item["gt"] if name == "toy" else item["answer"], response=response,
+                  well_formed=well_formed, truncated=row.get("truncated"), length=row["length"],
+                  box_frame=row.get("image_size"))
+    if name == "toy":
+        result["extracted"] = rewards.extract_answer(response) if well_formed else None
+        if not well_formed:
+            result["reason"] = "not <think>...</think><answer>...</answer>: the format gate gives 0"
+    else:
+        result["extracted"] = answer_text(response)
+        if rewards.extract_answer(response) is None:
+            result["reason"] = "no single <answer> block: the whole response was read"
+    return result
+
+
 def score(name, items, rows, judge=None):
-    """(summary, per-item results) of one benchmark from its generated rows {id: row}."""
+    """(summary, per-item results) of one benchmark from its generated rows {id: row}. A result
+    holds what the model saw and wrote and how it was scored (viewer.py shows them): the item's
+    question, images and reference, the response, the answer the scorer read, the score and,
+    where there is one, the reason it is not 1."""
+    results = [item_result(name, it, rows[it["id"]]) for it in items]
     if name == "toy":  # grpo.py's held-out accuracy: the format-gated reward, mean IoU for boxes
         scores = plumbing.heldout_scores([rows[it["id"]] for it in items], items)
-        results = []
-        for it, s in zip(items, scores):
-            pred = rewards.extract_answer(rows[it["id"]]["response"])
-            results.append(dict(id=it["id"], answer=it["gt"], pred=pred, score=s))
+        for r, s in zip(results, scores):
+            r["score"] = s
+            if r["kind"] == "iou" and r["well_formed"]:
+                r["reason"] = f"IoU {s:.2f} in the {r['box_frame'] or '0-1000'} frame"
     else:  # the authors' answer rule, then each benchmark's scoring rule
-        results = []
-        for it in items:
-            pred = answer_text(rows[it["id"]]["response"])
-            results.append(dict(id=it["id"], answer=it["answer"], pred=pred))
         for it, r in zip(items, results):
-            r["score"] = match(it, r["pred"], rows[it["id"]].get("image_size"))
+            r["score"] = match(it, r["extracted"], r["box_frame"])
     # like VLMEvalKit: rules first, the LLM only where they did not find the right answer
     if judge and name != "toy":
         misses = [(it, r) for it, r in zip(items, results) if r["score"] < 1]
         with ThreadPoolExecutor(8) as pool:
-            extracted = list(pool.map(lambda m: judge(m[0], m[1]["pred"]), misses))
+            extracted = list(pool.map(lambda m: judge(m[0], m[1]["extracted"]), misses))
         for (it, r), pred in zip(misses, extracted):
             if pred:
-                r.update(judged=pred, score=match(it, pred, rows[it["id"]].get("image_size")))
+                r.update(judged=pred, score=match(it, pred, r["box_frame"]),
+                         reason=f"the judge read {pred!r}")
     scores = [r["score"] for r in results]
-    lengths = [rows[it["id"]]["length"] for it in items]
+    lengths = [r["length"] for r in results]
     summary = dict(n=len(scores), accuracy=100 * sum(scores) / len(scores),
                    response_length_mean=sum(lengths) / len(items))
     if name == "dynamath":
@@ -240,8 +267,9 @@ def behaviour_table(summaries):
 # Training runs: curves (paper Fig. 6) and aha phrases over steps
 
 def plot_runs(run_dirs, out_path):
-    """Reward and mean response length against step, one line per run on shared axes. A run
-    without a reward (SFT) is left out of those panels and its loss gets a panel of its own."""
+    """Reward (overall, then per verifier kind) and mean response length against step, one line
+    per run on shared axes (per kind: a colour per kind, a line style per run). A run without a
+    reward (SFT) is left out of those panels and its loss gets a panel of its own."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -249,14 +277,21 @@ def plot_runs(run_dirs, out_path):
     for run_dir in run_dirs:
         name = os.path.basename(os.path.normpath(run_dir))
         runs[name] = data.read_rows(os.path.join(run_dir, "metrics.jsonl"))
-    panels = [("reward_mean", "training reward (mean)"),
-              ("response_length_mean", "response length (tokens)")]
+    kinds = [k for k in rewards.KINDS
+             if any(f"reward/{k}" in r for rows in runs.values() for r in rows)]
+    panels = [("reward_mean", "training reward (mean)")]
+    if kinds:
+        panels.append(("reward/", "training reward per verifier kind"))
+    panels.append(("response_length_mean", "response length (tokens)"))
     no_reward = [name for name, rows in runs.items() if not any("reward_mean" in r for r in rows)]
     if no_reward:
         panels.append(("loss", "SFT loss (runs without a reward)"))
     colour = {name: f"C{i}" for i, name in enumerate(runs)}  # a run keeps its colour in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (key, panel_title) in zip(axes[0], panels):
+        if key == "reward/":
+            plot_kinds(ax, runs, kinds)
+            continue
         for name, rows in runs.items():
             if key == "loss" and name not in no_reward:
                 continue  # a GRPO run's policy loss is no SFT loss
@@ -265,11 +300,8 @@ def plot_runs(run_dirs, out_path):
                 print(f"plot: {name} has no {key}; left out of the {panel_title!r} panel")
                 continue
             steps, ys = zip(*points)
-            # a moving average over 5% of the run, the raw values faint behind it
-            span = max(1, len(ys) // 20)
-            windows = [ys[max(0, i - span + 1):i + 1] for i in range(len(ys))]
-            ax.plot(steps, ys, color=colour[name], alpha=0.25)
-            ax.plot(steps, [sum(w) / len(w) for w in windows], color=colour[name], label=name)
+            ax.plot(steps, ys, color=colour[name], alpha=0.25)  # the raw values faint behind
+            ax.plot(steps, moving_average(ys), color=colour[name], label=name)
         ax.set(title=panel_title, xlabel="step")
         ax.legend()
     fig.tight_layout()
@@ -277,6 +309,30 @@ def plot_runs(run_dirs, out_path):
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
     return out_path
+
+
+def moving_average(ys):
+    """The mean of the last 5% of a run's values at each step."""
+    span = max(1, len(ys) // 20)
+    windows = [ys[max(0, i - span + 1):i + 1] for i in range(len(ys))]
+    return [sum(w) / len(w) for w in windows]
+
+
+def plot_kinds(ax, runs, kinds):
+    """The training reward of each verifier kind, a colour per kind and a line style per run
+    (moving averages: a kind's reward is the mean over that step's samples of the kind)."""
+    styles = ["-", "--", ":", "-."]
+    for i, (name, rows) in enumerate(runs.items()):
+        for j, kind in enumerate(kinds):
+            points = [(r["step"], r[f"reward/{kind}"]) for r in rows if f"reward/{kind}" in r]
+            if not points:
+                continue
+            steps, ys = zip(*points)
+            label = kind if len(runs) == 1 else f"{name}: {kind}"
+            ax.plot(steps, moving_average(ys), color=f"C{j}", linestyle=styles[i % 4],
+                    label=label)
+    ax.set(title="training reward per verifier kind", xlabel="step")
+    ax.legend(fontsize="small")
 
 
 def logged_texts(row):
@@ -390,10 +446,14 @@ def main(argv=None):
         responses = []
         for b in benchmarks:
             rows = {row["id"]: row for row in data.read_rows(os.path.join(out_dir, f"{b}.jsonl"))}
-            summary["benchmarks"][b], results = score(b, items[b], rows, judge)
+            answered = [it for it in items[b] if it["id"] in rows]  # --skip-bad leaves some out
+            if not answered:
+                raise plumbing.UserError(f"{b}: no item has a response to score")
+            summary["benchmarks"][b], results = score(b, answered, rows, judge)
+            summary["benchmarks"][b]["skipped"] = len(items[b]) - len(answered)
             with open(os.path.join(out_dir, f"{b}.scores.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in results)
-            responses += [rows[it["id"]] for it in items[b]]
+            responses += [rows[it["id"]] for it in answered]
         texts = [r["response"] for r in responses]
         summary.update(response_length_mean=sum(r["length"] for r in responses) / len(responses),
                        truncated=sum(r["truncated"] for r in responses),
@@ -401,7 +461,11 @@ def main(argv=None):
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         summaries[label] = summary
-    counts = ", ".join(f"{title(b)} {len(items[b])} items" for b in benchmarks)
+    skipped = {b: max(summary["benchmarks"][b]["skipped"] for summary in summaries.values())
+               for b in benchmarks}
+    counts = ", ".join(f"{title(b)} {len(items[b])} items"
+                       + (f" ({skipped[b]} skipped: unreadable image)" if skipped[b] else "")
+                       for b in benchmarks)
     notes = [f"scoring: {scoring}; {counts}"]
     if "toy" in benchmarks:
         notes.append("toy: accuracy in % per verifier kind (iou: mean IoU x 100); "

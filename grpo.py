@@ -262,10 +262,9 @@ def sample(s, step, round_, clock):
     Round 0 is the step's prompts; --dynamic-sampling draws more rounds,
     each from another permutation of the data."""
     seed = s.args.seed + 1_000_003 * round_
-    rank, ranks = s.accelerator.process_index, s.accelerator.num_processes
-    indices = data.step_indices(len(s.records), s.args.rollout_batch_size,
-                                step, seed, rank, ranks)
-    ro = rollout(s, [s.records[i] for i in indices])
+    # data.step_indices' records, their images decoded: one whose file changed
+    # since loading is replaced (--skip-bad) or stops the run, after a checkpoint
+    ro = rollout(s, plumbing.usable_records(s, step, seed))
     clock.lap("generate")
     # each completion scored by the one verifier of its task, the format gate
     # first; a box in the frame of the image the model saw, an open answer by
@@ -394,6 +393,7 @@ def main(argv=None):
                        ("metrics.jsonl", "rollouts.jsonl"),
                        shown=("reward_mean", "kl"), kl_coef=args.kl_coef,
                        skipped_updates=0, eval_start=None)
+    s.run = run  # a record that fails mid-run stops the run after a checkpoint
     if s.eval_records and run.step == 0:
         run.state["eval_start"] = plumbing.heldout_accuracy(s)
         run.say("held-out greedy accuracy before GRPO: "

@@ -228,11 +228,26 @@ def apply_presets(args, real, toy_preset):
 
 
 def load_split(args, accelerator, split, **kwargs):
-    """The records of --data ('toy': the toy's `split`, built once by the main process)."""
+    """The records of --data ('toy': the toy's `split`, built once by the main process), checked
+    against the image processor --model will load (image_size_rule)."""
     with accelerator.main_process_first():
         path, image_root = toy.resolve_data(args.data, args.image_root, split)
     kinds = set(args.kinds.split(",")) if args.kinds else None
-    return data.load_records(path, image_root, kinds=kinds, skip_bad=args.skip_bad, **kwargs)
+    return data.load_records(path, image_root, kinds=kinds, skip_bad=args.skip_bad,
+                             rule=image_size_rule(args, accelerator), **kwargs)
+
+
+def image_size_rule(args, accelerator):
+    """data.size_rule of the image processor of --model, with --min/--max-pixels: an image it would
+    refuse is a bad record when the data loads, not an error in the middle of the run. Reads the
+    image processor's config only (the model loads later)."""
+    from transformers import AutoImageProcessor
+    with accelerator.main_process_first():  # the toy policy is built once, by the main process
+        path = resolve_checkpoint(toy.resolve_model(args.model))
+    image_processor = AutoImageProcessor.from_pretrained(path,
+                                                         trust_remote_code=args.trust_remote_code)
+    set_pixels(image_processor, args.min_pixels, args.max_pixels)
+    return data.size_rule(image_processor)
 
 
 def load_policy(args, accelerator, freeze_vision, weight_decay=0.0):
@@ -339,6 +354,7 @@ class Setup:
     cache_vision: bool         # a frozen tower's features, encoded once a step for every forward
     reference: torch.nn.Module = None  # the frozen start policy (AdapterFree), only with KL
     scorer: object = None              # the open-ended reward model, only for open records
+    run: object = None                 # the Run: a record that fails mid-run stops it (settle)
 
 
 def setup_grpo(args):
@@ -391,6 +407,32 @@ def setup_grpo(args):
     return s
 
 
+def usable_records(s, step, seed):
+    """This rank's records of GRPO step `step` (data.step_records), their images decoded now: one
+    whose file changed on disk since loading is replaced (--skip-bad) or stops the run after a
+    checkpoint (Run.settle), the same on every rank."""
+    acc = s.accelerator
+    records, bad = data.step_records(s.records, s.args.rollout_batch_size, step, seed,
+                                     acc.process_index, acc.num_processes,
+                                     rule=data.size_rule(s.processor), skip_bad=s.args.skip_bad)
+    if s.run is not None:
+        s.run.settle(bad, s.model, s.processor, step)
+    elif bad:  # outside a Run (a test's own loop): nothing to save
+        raise bad[0]
+    return records
+
+
+def every_rank_bad(accelerator, bad):
+    """The BadRecords met at this moment on all ranks, as (message, reason), on every rank - so
+    that every rank takes the same decision and none waits on another (one all-reduce; a gather
+    only when there are some)."""
+    from accelerate.utils import gather_object
+    count = torch.tensor(float(len(bad)), device=accelerator.device)
+    if float(accelerator.reduce(count, reduction="sum")) == 0:
+        return []
+    return gather_object([(str(e), e.reason) for e in bad])
+
+
 def load_reference(path, accelerator, trust_remote_code=False):
     """A frozen copy of the starting policy for the KL term: bf16 on GPU (half the memory of
     fp32), fp32 on CPU; placed by accelerate for inference."""
@@ -416,11 +458,7 @@ def load_model(name, dtype=None, min_pixels=None, max_pixels=None, trust_remote_
     quiet_transformers()
     path = resolve_checkpoint(name)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if min_pixels or max_pixels:
-        size = dict(processor.image_processor.size)
-        size["shortest_edge"] = min_pixels or size["shortest_edge"]
-        size["longest_edge"] = max_pixels or size["longest_edge"]
-        processor.image_processor.size = size
+    set_pixels(processor.image_processor, min_pixels, max_pixels)
     return load_weights(path, dtype, trust_remote_code), processor
 
 
@@ -447,6 +485,15 @@ def merge_adapters(checkpoint, out_dir):
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def set_pixels(image_processor, min_pixels=None, max_pixels=None):
+    """The image pixel floor and cap (None: the processor's own)."""
+    if min_pixels or max_pixels:
+        size = dict(image_processor.size)
+        size["shortest_edge"] = min_pixels or size["shortest_edge"]
+        size["longest_edge"] = max_pixels or size["longest_edge"]
+        image_processor.size = size
 
 
 def can_share_prompts(model):
@@ -605,20 +652,34 @@ def shared_prompt_logprobs(model, ro, rows, temperature):
 
 @torch.no_grad()
 def greedy_answers(model, processor, records, accelerator, batch_size, max_new_tokens,
-                   synced_gpus=False):
+                   synced_gpus=False, skip_bad=False):
     """Greedy responses to records (data.py's prompts), sharded over ranks; yields, one batch
     at a time, every rank's rows gathered on every rank: {id, response, length, truncated,
     image_size (the frame of the boxes it writes, data.box_frame)}. Every rank calls generate()
-    equally often (under FSDP a rank that stops early hangs the others)."""
+    equally often (under FSDP a rank that stops early hangs the others). A record whose image
+    cannot be read now stops it with one line naming it, or with skip_bad is said and left
+    without a row."""
     from accelerate.utils import gather_object
     world = accelerator.num_processes
     mine = records[accelerator.process_index::world]
     model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
+    rule = data.size_rule(processor)
     for b in range(math.ceil(math.ceil(len(records) / world) / batch_size)):
-        kept = mine[b * batch_size:(b + 1) * batch_size]
-        chunk = kept or records[:1]  # a short shard repeats a record ...
+        kept, bad = [], []
+        for record in mine[b * batch_size:(b + 1) * batch_size]:
+            try:
+                kept.append(data.with_images(record, rule))
+            except data.BadRecord as e:
+                bad.append(e)
+        found = every_rank_bad(accelerator, bad)
+        if found and not skip_bad:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise data.BadRecord(found[0][0] + more)
+        for message, _ in found if accelerator.is_main_process else []:
+            tqdm.write(f"skipped {message}")
+        chunk = kept or [first_usable(records, rule)]  # a short shard repeats a record ...
         batch = data.encode_prompts(processor, chunk).to(accelerator.device)
         ids = generate(model, processor, batch, max_new_tokens, synced_gpus=synced_gpus).cpu()
         mask, truncated = data.completion_mask(ids, processor.tokenizer)  # (b, T), (b,)
@@ -631,13 +692,24 @@ def greedy_answers(model, processor, records, accelerator, batch_size, max_new_t
     model.train(was_training)
 
 
+def first_usable(records, rule):
+    """The first record whose images can be read now (data.with_images)."""
+    for record in records:
+        try:
+            return data.with_images(record, rule)
+        except data.BadRecord:
+            pass
+    raise data.BadRecord("no record's images can be read")
+
+
 def heldout_scores(rows, records):
     """The reward of each answer `rows[i]` ({response, image_size}) to `records[i]`, the format gate
     included: 0/1, or the IoU for boxes. Held-out accuracy is their mean (accuracy_by_kind): one
     definition for grpo.py's start and end numbers and eval.py's toy table."""
+    contexts = [{"image_size": row["image_size"], "question": r.get("question")}
+                for row, r in zip(rows, records)]
     return rewards.reward_batch([row["response"] for row in rows], [r["gt"] for r in records],
-                                [r["kind"] for r in records],
-                                [{"image_size": row["image_size"]} for row in rows])
+                                [r["kind"] for r in records], contexts)
 
 
 def accuracy_by_kind(rows, records):
@@ -665,7 +737,7 @@ def heldout_accuracy(s):
     sharded over ranks (the same on every rank)."""
     a = s.args
     answers = greedy_answers(s.model, s.processor, s.eval_records, s.accelerator,
-                             a.gen_batch_size, a.eval_max_new_tokens, s.synced_gpus)
+                             a.gen_batch_size, a.eval_max_new_tokens, s.synced_gpus, a.skip_bad)
     rows = [row for rows in answers for row in rows]
     return accuracy_by_kind(rows, s.eval_records)
 
@@ -813,7 +885,8 @@ def group_rows(ro, step, n):
                 length=int(ro.completion_mask[i].sum())))
         rows.append(dict(
             step=step, id=record["id"], kind=record["kind"], image=record["image"],
-            image_paths=record["image_paths"], question=record["question"],
+            image_paths=[os.path.abspath(p) for p in record["image_paths"]],
+            question=record["question"],
             reference=record["gt"], box_frame=ro.box_frames[p],
             box_image=record.get("box_image", 0), completions=completions))
     return rows
@@ -874,7 +947,8 @@ class Run:
         self.args, self.accelerator, self.total_steps = args, accelerator, total_steps
         self.name = name
         self.shown = shown  # metrics shown beside the progress bar
-        self.state = dict(step=0, **state)
+        # skipped_records: records whose file changed on disk mid-run, by reason (settle)
+        self.state = dict(step=0, skipped_records={}, **state)
         if args.resume:
             resumed = load_train_state(accelerator, args.output_dir, strict=not args.lora_r)
             self.state.update(resumed or {})
@@ -900,6 +974,31 @@ class Run:
                 log_row(self.logs[name + ".jsonl"], r)
         self.bar.set_postfix({k: f"{row[k]:.4g}" for k in self.shown})
         self.bar.update(1)
+
+    def settle(self, bad, model, processor, step):
+        """What every rank does about the records that failed at `step`, after loading (their
+        file changed on disk; data.step_records' BadRecords, on any rank): with --skip-bad they
+        were replaced - count and say them; else save a checkpoint of the steps done and stop
+        with one line naming the first, so that --resume --skip-bad continues from there."""
+        found = every_rank_bad(self.accelerator, bad)
+        if found and self.args.skip_bad:
+            for message, reason in found:
+                self.state["skipped_records"][reason] = (
+                    self.state["skipped_records"].get(reason, 0) + 1)
+                if self.accelerator.is_main_process:
+                    tqdm.write(f"step {step + 1}: skipped {message}")
+        elif found:
+            saved = ""
+            if step > 0:  # nothing to save before the first step
+                name = f"checkpoint-{step}"
+                if os.path.basename(resolve_checkpoint(self.args.output_dir)) != name:
+                    state = {k: v for k, v in self.state.items() if k != "step"}
+                    save_checkpoint(self.accelerator, model, processor, self.args.output_dir,
+                                    step, state)
+                saved = f"; saved {os.path.join(self.args.output_dir, name)}"
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise UserError(f"step {step + 1}: {found[0][0]}{more}{saved}: --resume --skip-bad "
+                            "continues, skipping it")
 
     def save_if_due(self, model, processor, step):
         """A checkpoint every --save-every steps and at the last step, with `state`."""

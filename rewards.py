@@ -175,8 +175,44 @@ def _option_letter(text):
     return letters.pop() if len(letters) == 1 else None
 
 
-def mcq_reward(pred, gt):
+# An option label of a question's choices: "A." "B:" "C)" "(D)" at the start or after a space.
+_OPTION_LABEL = re.compile(r"(?:(?<=\s)|^)(?:\(([A-Z])\)|([A-Z])[.:)])")
+
+
+def question_options(question):
+    """{letter: text} of the options a question lists - labels A, B, C, ... in that order, at
+    least two - else {} (no options found: nothing to check a letter against).
+    >>> question_options("What shape?\\nChoices: A. circle B. square C. triangle")
+    {'A': 'circle', 'B': 'square', 'C': 'triangle'}
+    >>> question_options("Choices:\\nA:145°\\nB:35°"), question_options("Is point A. above B?")
+    ({'A': '145°', 'B': '35°'}, {})
+    """
+    labels = list(_OPTION_LABEL.finditer(str(question or "")))
+    letters = [m.group(1) or m.group(2) for m in labels]
+    if len(letters) < 2 or letters != [chr(ord("A") + i) for i in range(len(letters))]:
+        return {}
+    ends = [m.start() for m in labels[1:]] + [len(question)]
+    return {letter: question[m.end():end].strip() for letter, m, end in zip(letters, labels, ends)}
+
+
+def _gt_letter(gt, question=None):
+    """The option letter a ground truth names: its letter ("C", "(c)", "C: 27°"), else the letter
+    of the option of `question` whose text it is, else None."""
+    letter = _option_letter(_as_text(gt))
+    if letter is None and question:
+        text = _plain(_as_text(gt))
+        named = [k for k, v in question_options(question).items() if _plain(v) == text]
+        letter = named[0] if len(named) == 1 else None
+    return letter
+
+
+def _plain(text):
+    return " ".join(str(text).split()).rstrip(".;,").lower()
+
+
+def mcq_reward(pred, gt, question=None):
     """1.0 if the answer names the ground truth's option letter (case-insensitive), else 0.0.
+    A ground truth that is an option's text stands for that option's letter (with `question`).
 
     >>> [mcq_reward(a, "C") for a in ["C", "(c)", "C)", "C.", "C: 27°", "Option C"]]
     [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
@@ -186,11 +222,13 @@ def mcq_reward(pred, gt):
     ([1.0, 1.0, 1.0], 1.0)
     >>> [mcq_reward(a, "C") for a in ["B", "B or C", "(A) and (C)", "27°", ""]]  # two letters: 0
     [0.0, 0.0, 0.0, 0.0, 0.0]
+    >>> mcq_reward("B", "square", "Choices: A. circle B. square")  # gt: an option's text
+    1.0
     """
     if pred is None:
         return 0.0
     predicted = _option_letter(str(pred))
-    expected = _option_letter(_as_text(gt))
+    expected = _gt_letter(gt, question)
     return float(predicted is not None and predicted == expected)
 
 
@@ -300,7 +338,8 @@ def math_reward(pred, gt, timeout_s=None):
 def reward(response, gt, kind, **context):
     """One response's reward: 0 unless is_well_formed, else the `kind` verifier on its answer.
 
-    context: "iou" takes image_size=(width, height); "open" needs scorer= and takes image=,
+    context: "iou" takes image_size=(width, height); "mcq" question= (for a ground truth that is
+    an option's text); "open" needs scorer= and takes image=,
     question=, reference= (default: gt) and beta= (default OPEN_BETA).
     >>> reward("<think>I count 3 cubes.</think> <answer>3</answer>", 3, "digit")
     1.0
@@ -342,7 +381,7 @@ def reward_batch(responses, gts, kinds, contexts=None, scorer=None):
         if kind == "digit":
             rewards[i] = digit_reward(answer, gt)
         elif kind == "mcq":
-            rewards[i] = mcq_reward(answer, gt)
+            rewards[i] = mcq_reward(answer, gt, ctx.get("question"))
         elif kind == "iou":
             rewards[i] = iou_reward(answer, gt, ctx.get("image_size"))
         else:
@@ -401,6 +440,71 @@ def verifier_for(record):
     raise ValueError(f"record {record_id!r}: no verifier for source {source!r} "
                      "(and no verifier_type)")
 
+# ------------------------------------------------------------- what each verifier's ground truth is
+
+# The rule each verifier's ground truth must follow, in the words a bad record's error uses.
+GT_RULES = {
+    "digit": "a digit gt must be one number (or text holding exactly one)",
+    "mcq": "an mcq gt must name one of the question's options: its letter or its text",
+    "math": "a math gt must be text Math-Verify parses",
+    "iou": "an iou gt must be four numbers [x1, y1, x2, y2] with x1 < x2 and y1 < y2",
+    "open": "an open gt must be non-empty text",
+}
+
+
+def check_gt(kind, gt, question=None):
+    """None when the `kind` verifier can score answers against `gt`, else the rule it breaks
+    (GT_RULES): a ground truth no answer can match would train on reward 0, silently.
+    >>> check_gt("digit", 3), check_gt("digit", "3 cubes"), check_gt("digit", [3])
+    (None, None, 'a digit gt must be one number (or text holding exactly one)')
+    >>> check_gt("mcq", "(b)", "A. red B. blue"), check_gt("mcq", "blue", "A. red B. blue")
+    (None, None)
+    >>> check_gt("mcq", "E", "Choices: A. red B. blue")
+    "an mcq gt must name one of the question's options: its letter or its text"
+    >>> check_gt("math", "\\\\frac{1}{2}"), check_gt("math", "no number here")
+    (None, 'a math gt must be text Math-Verify parses')
+    >>> check_gt("iou", [0.1, 0.2, 0.5, 0.6]), check_gt("iou", [1, 2, 3])
+    (None, 'an iou gt must be four numbers [x1, y1, x2, y2] with x1 < x2 and y1 < y2')
+    >>> check_gt("iou", [0.5, 0.2, 0.1, 0.6]) is not None, check_gt("open", " ") is not None
+    (True, True)
+    """
+    return check_gts([(kind, gt, question)])[0]
+
+
+def check_gts(items):
+    """check_gt of many (kind, gt, question) at once: math ground truths are parsed on the worker
+    pool (bounded time), each distinct text once per process."""
+    problems = [None if _gt_fits(kind, gt, question) else GT_RULES[kind]
+                for kind, gt, question in items]
+    math_texts = [_as_text(gt) for (kind, gt, _), p in zip(items, problems)
+                  if kind == "math" and p is None]
+    parses = _math_parses(math_texts)
+    for i, (kind, gt, _) in enumerate(items):
+        if kind == "math" and problems[i] is None and not parses[_as_text(gt)]:
+            problems[i] = GT_RULES["math"]
+    return problems
+
+
+def _gt_fits(kind, gt, question):
+    """The checks of check_gt that need no Math-Verify: the type, the shape, the letter."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown reward kind {kind!r}; expected one of {KINDS}")
+    if isinstance(gt, bool) or gt is None:
+        return False
+    if kind == "digit":  # as digit_reward reads it
+        return not isinstance(gt, (list, tuple, dict)) and _the_number(_as_text(gt)) is not None
+    if kind == "mcq":
+        letter = _gt_letter(gt, question) if isinstance(gt, str) else None
+        options = question_options(question)
+        return letter is not None and (not options or letter in options)
+    if kind == "math":  # then Math-Verify must parse it (check_gts)
+        return isinstance(gt, (str, int, float)) and bool(str(gt).strip())
+    if kind == "iou":  # as iou_reward reads it
+        box = _box(gt)
+        return box is not None and box[0] < box[2] and box[1] < box[3]
+    texts = gt if isinstance(gt, (list, tuple)) else [gt]  # open
+    return all(isinstance(t, str) for t in texts) and bool(_as_text(texts).strip())
+
 # =============================================================================
 # Plumbing: the Math-Verify worker pool and the reward-model scorer. Not the method - what it
 # takes to run math_reward safely (bounded time, never in the caller's thread) and to score
@@ -422,7 +526,8 @@ def _as_latex(text):
 
 
 def _math_worker():
-    """A worker's loop: reads one JSON [gold, pred] per line, writes "1" or "0" per line."""
+    """A worker's loop: reads one JSON [gold, pred] per line, writes "1" (verified) or "0" per
+    line; or [gold] alone: "1" if Math-Verify parses it (a non-empty parse), else "0"."""
     import functools
     import logging
     import resource
@@ -439,9 +544,11 @@ def _math_worker():
     print("ready", file=protocol, flush=True)
     for line in sys.stdin:
         try:
-            gold, pred = json.loads(line)
-            # gold first, as the paper has it
-            ok = verify(parse_text(gold), parse_text(pred), timeout_seconds=None)
+            item = json.loads(line)
+            if len(item) == 1:
+                ok = bool(parse_text(item[0]))  # a gold verify() can match answers against
+            else:  # gold first, as the paper has it
+                ok = verify(parse_text(item[0]), parse_text(item[1]), timeout_seconds=None)
         except Exception:  # anything Math-Verify or sympy throws: the answer scores 0
             ok = False
         print("1" if ok else "0", file=protocol, flush=True)
@@ -559,6 +666,18 @@ def _math_scores(pairs, timeout_s=None):
     if unique:
         scores = dict(zip(unique, _math_pool().map(unique, timeout_s or MATH_TIMEOUT_S)))
     return [scores.get((g, p), 0.0) for g, p in pairs]
+
+
+_PARSES = {}  # math ground truth -> whether Math-Verify parses it (check_gts)
+
+
+def _math_parses(texts):
+    """{text: whether Math-Verify parses it} (as math_reward parses a gold), on the worker pool,
+    each text once per process; one that takes longer than MATH_TIMEOUT_S counts as not parsed."""
+    todo = sorted(set(texts) - set(_PARSES))
+    if todo:
+        _PARSES.update(zip(todo, (s == 1.0 for s in _math_pool().map([[t] for t in todo]))))
+    return {t: _PARSES[t] for t in texts}
 
 
 # --------------------------------------------------------------- open-ended: a reward model

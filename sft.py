@@ -77,6 +77,7 @@ class MicroBatches(torch.utils.data.Dataset):
         self.micro_batch_size = micro_batch_size
         self.accum = args.batch_size // world // micro_batch_size  # micro-batches per step
         self.answer_key = "answer_pseudo" if args.trace_style == "pseudo" else "answer"
+        self.rule = data.size_rule(processor)  # the image sizes the processor takes
 
     def __len__(self):
         return len(self.steps) * self.accum
@@ -84,13 +85,18 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, i):
         step = self.steps[i // self.accum]
         micro_step = i % self.accum
-        rank_indices = data.step_indices(len(self.records), self.args.batch_size, step,
-                                         self.args.seed, self.rank, self.world)
         first = micro_step * self.micro_batch_size
-        chosen = [self.records[j] for j in rank_indices[first:first + self.micro_batch_size]]
+        # data.step_indices' records, their images decoded: one whose file changed since loading
+        # is replaced (--skip-bad) or, "bad", stops the run in the main loop (Run.settle)
+        chosen, bad = data.step_records(self.records, self.args.batch_size, step, self.args.seed,
+                                        self.rank, self.world,
+                                        slice(first, first + self.micro_batch_size), self.rule,
+                                        self.args.skip_bad)
+        if bad and not self.args.skip_bad:
+            return {"bad": bad}
         key = self.answer_key if self.answer_key in chosen[0] else "answer"
-        return data.encode_sft(self.processor, chosen, max_length=self.args.max_length,
-                               answer_key=key)
+        return {"bad": bad, **data.encode_sft(self.processor, chosen,
+                                              max_length=self.args.max_length, answer_key=key)}
 
 
 def main(argv=None):
@@ -132,7 +138,9 @@ def main(argv=None):
         loss_sum = torch.zeros((), device=device)
         tokens = 0
         for micro_step in range(accum):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
+            batch = next(batches)
+            run.settle(batch.pop("bad"), model, processor, step)  # the same on every rank
+            batch = {k: v.to(device) for k, v in batch.items()}
             tokens += int(batch["attention_mask"].sum())
             # Gradients are all-reduced only on the last micro-batch of the step.
             with accelerator.no_sync(model) if micro_step < accum - 1 else nullcontext():

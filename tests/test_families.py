@@ -3,10 +3,12 @@ path the scripts use: the Auto classes, data.py's prompts and batches, an SFT st
 with KL (grpo.main), greedy generation with vision tokens suppressed, a checkpoint round trip,
 and boxes scored in the frame of the image the model saw. Tiny models built offline, no mocks."""
 import json
+import math
 import os
 
 import pytest
 import torch
+from PIL import Image
 
 import data
 import eval as evaluation
@@ -15,7 +17,7 @@ import plumbing
 import rewards
 import sft
 import toy
-from conftest import FLOAT32, read_jsonl, rollout_setup
+from conftest import FLOAT32, approx, read_jsonl, rollout_setup
 
 FAMILIES = list(toy.FAMILIES)
 CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
@@ -144,7 +146,8 @@ def test_grpo_step_with_kl_and_frozen_tower(family, tmp_path, monkeypatch):
                "--kl-coef", "1e-3", "--lr", "1e-3", "--freeze-vision", "--eval-data", "toy", "--eval-limit", "2",
                "--output-dir", out, "--quiet"])
     row = read_jsonl(os.path.join(out, "metrics.jsonl"))[0]
-    assert all(row[k] == row[k] for k in ("loss", "kl", "grad_norm")) and row["kl"] >= 0  # not NaN
+    assert all(row[k] == row[k] for k in ("loss", "grad_norm"))  # not NaN
+    assert row["kl"] == approx(0.0)  # the one update is the first: the policy is the reference
     assert row["frac_zero_std"] < 1 and row["grad_norm"] > 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["eval_end"] is not None and summary["skipped_updates"] == 0
@@ -160,7 +163,11 @@ def test_sft_script_one_step(family, tmp_path):
     out = str(tmp_path / "s")
     sft.main(["--model", path, "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "1", "--lr", "1e-3",
               "--kinds", "digit,mcq", "--output-dir", out, "--quiet"])
-    assert json.load(open(os.path.join(out, "summary.json")))["loss_last_10pct"] > 0
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert json.load(open(os.path.join(out, "summary.json")))["loss_last_10pct"] == rows[-1]["loss"]
+    # a random model predicts near-uniformly: the cross-entropy of the answer tokens is about ln(V)
+    vocab = len(plumbing.load_model(path)[1].tokenizer)
+    assert rows[0]["loss"] == pytest.approx(math.log(vocab), rel=0.05)
     assert type(plumbing.load_model(out)[0]).__name__ == CLASSES[arch]
 
 
@@ -184,3 +191,71 @@ def test_boxes_are_scored_in_the_frame_each_family_writes(family, tmp_path):
     box = "[" + ", ".join(str(round(v * scale)) for v in gt) + "]"  # the box as this family writes it
     frame = data.box_frame(processor, records(n=1)[0], grid)
     assert rewards.iou_reward(box, gt, frame) == pytest.approx(1.0)
+
+
+# (width, height) of the resized image the model sees of a 200 x 90 one and of a 90 x 200 one at
+# --min-pixels 1024 --max-pixels 8000: 8 x 4 patches of 14 px, or 8 x 2 of 16 px
+RESIZED = {14: ((112, 56), (56, 112)), 16: ((128, 32), (32, 128))}
+
+
+def test_boxes_on_resized_non_square_images_score_in_the_frame_the_model_saw(
+        family, tmp_path, monkeypatch):
+    """Non-square images that the processor resizes, through the real path of each stage: the
+    prompt's image_grid_thw -> data.box_frame -> rewards.iou_reward, in grpo.sample (rollouts) and
+    in plumbing.greedy_answers' rows -> plumbing.heldout_scores (held-out accuracy, eval.py's toy).
+    Qwen2.5-VL's box is in pixels of the resized image, the others' on a 0-1000 grid of it: the box
+    each family writes scores 1, and the same box read in the original size or with width and height
+    swapped does not."""
+    from accelerate import Accelerator
+    arch, path = family
+    model, processor = plumbing.load_model(path, min_pixels=1024, max_pixels=8000)
+    model.eval()
+    recs = []
+    for name, size in (("wide", (200, 90)), ("tall", (90, 200))):
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / f"{name}.png")
+        recs.append(dict(id=f"coco-{name}", image_paths=[str(tmp_path / f"{name}.png")],
+                         question="Where is it?", kind="iou", gt=[0.25, 0.5, 0.5, 0.75]))
+    patch = toy.FAMILIES[arch]["patch"]
+    grids = data.encode_prompts(processor, recs)["image_grid_thw"]
+    assert grids.tolist() == [[1, h // patch, w // patch] for w, h in RESIZED[patch]]  # resized
+    assert [data.image_size(processor, g) for g in grids] == list(RESIZED[patch])
+    pixels = arch == "qwen2_5_vl"
+
+    def box(rec, frame):  # the record's box as written in `frame` ((width, height), None: 0-1000)
+        w, h = frame or (1000, 1000)
+        return "[" + ", ".join(str(round(v * s)) for v, s in zip(rec["gt"], (w, h, w, h))) + "]"
+
+    def answer(rec, frame):
+        return f"<think>It is there.</think><answer>{box(rec, frame)}</answer>"
+
+    seen = [RESIZED[patch][i] if pixels else None for i in range(2)]  # the family's frames
+    for rec, grid, frame, original in zip(recs, grids, seen, ((200, 90), (90, 200))):
+        assert data.box_frame(processor, rec, grid[None]) == frame
+        assert rewards.iou_reward(box(rec, frame), rec["gt"], frame) == pytest.approx(1.0)
+        other = RESIZED[patch][0 if rec is recs[1] else 1]  # the other image's
+        for wrong in (original, original[::-1], other):  # not the frame of the image the model saw
+            assert rewards.iou_reward(box(rec, frame), rec["gt"], wrong) < 0.5
+    # grpo.py's steps 1-3 (grpo.sample): a real rollout of both prompts, its completions then
+    # replaced by the boxes the family writes, scored
+    frames = {rec["id"]: frame for rec, frame in zip(recs, seen)}
+    real_rollout = grpo.rollout
+
+    def rollout_writing_the_boxes(s, records):
+        ro = real_rollout(s, records)
+        ro.texts = [answer(r, frames[r["id"]]) for r in ro.records for _ in range(ro.G)]
+        return ro
+    monkeypatch.setattr(grpo, "rollout", rollout_writing_the_boxes)
+    s = rollout_setup(model, processor, 2, 2)
+    s.args.__dict__.update(seed=0, rollout_batch_size=2, reward_beta=0.0, skip_bad=False)
+    s.__dict__.update(accelerator=Accelerator(), records=recs, scorer=None, run=None)
+    torch.manual_seed(0)
+    ro = grpo.sample(s, 0, 0, plumbing.PhaseClock(model.device))
+    assert sorted(r["id"] for r in ro.records) == sorted(frames)  # both prompts
+    assert ro.box_frames == [frames[r["id"]] for r in ro.records]
+    assert ro.rewards.tolist() == pytest.approx([1.0] * 4)
+    # held-out accuracy, eval.py: greedy rows carry the frame, heldout_scores reads boxes in it
+    answers = plumbing.greedy_answers(model, processor, recs, s.accelerator, 2, 2)
+    rows = [row for rows in answers for row in rows]
+    assert [row["image_size"] for row in rows] == seen
+    rows = [dict(row, response=answer(rec, frame)) for row, rec, frame in zip(rows, recs, seen)]
+    assert plumbing.heldout_scores(rows, recs) == pytest.approx([1.0, 1.0])

@@ -4,16 +4,22 @@ toy model (two ranks, resume, a NaN that must be skipped)."""
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import data
 import grpo
 import plumbing
 import toy
-from conftest import FLOAT32, approx, read_jsonl, rewind_run, rollout_setup, run_two_ranks
+from conftest import FLOAT32, ROOT, approx, read_jsonl, rewind_run, rollout_setup, run_two_ranks
 
 
 # ---------------------------------------------------------------------------- the pieces
@@ -104,6 +110,48 @@ def test_gspo_clip_range_defaults():
     assert (args.clip_eps, args.clip_eps_high) == (1e-3, 1e-3)
     args = grpo.parse_args(["--importance-sampling-level", "sequence", "--clip-eps-high", "1e-3"])
     assert (args.clip_eps, args.clip_eps_high) == (3e-4, 1e-3)
+
+
+def test_clipped_surrogate_with_asymmetric_bounds_by_hand():
+    """DAPO's clip-higher (--clip-eps 0.2 --clip-eps-high 0.28): rho is clipped to [0.8, 1.28].
+    Ratios below, inside and above, positive and negative advantages, a padded token: loss,
+    gradient and clip_frac by hand. min() keeps the worse of the clipped and unclipped terms, and
+    the gradient flows only through the term it keeps."""
+    ratios = torch.tensor([[0.5, 0.9, 1.25, 1.5, 3.0]] * 2)  # below 0.8, inside x2, above 1.28; pad
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]] * 2)
+    old = torch.zeros(2, 5)
+    # per token, A = +1: min(rho, clip(rho)) = 0.5, 0.9, 1.25, 1.28 (the gain above 1.28 is cut)
+    #            A = -1: -max(rho, clip(rho)) = -0.8, -0.9, -1.25, -1.5 (below 0.8: held at 0.8)
+    by_hand = {1.0: (0.5 + 0.9 + 1.25 + 1.28) / 4, -1.0: -(0.8 + 0.9 + 1.25 + 1.5) / 4}
+    for i, a in enumerate(by_hand):
+        loss, clip_frac = grpo.policy_loss(torch.log(ratios[i:i + 1]), old[:1], torch.tensor([a]),
+                                           mask[:1], 0.2, 0.28)
+        assert loss.item() == pytest.approx(-by_hand[a]), a
+        assert clip_frac.item() == 0.5  # 0.5 and 1.5 are outside [0.8, 1.28]; the padded 3.0 is not
+    logp = torch.log(ratios).requires_grad_()
+    loss, clip_frac = grpo.policy_loss(logp, old, torch.tensor([1.0, -1.0]), mask, 0.2, 0.28)
+    assert loss.item() == pytest.approx(-(by_hand[1.0] + by_hand[-1.0]) / 2)
+    assert clip_frac.item() == 0.5
+    loss.backward()
+    # d(-A rho)/d logp = -A rho through a kept unclipped term, 0 through a kept clipped one;
+    # / (4 tokens x 2 sequences)
+    expected = torch.tensor([[-0.5, -0.9, -1.25, 0.0, 0.0], [0.0, 0.9, 1.25, 1.5, 0.0]]) / 8
+    assert torch.allclose(logp.grad, expected, atol=1e-6)
+
+
+def test_adaptive_kl_update_inside_the_clip_range_and_at_its_edges():
+    """(5): coef *= 1 + clip(kl/target - 1, -0.2, 0.2) * n/horizon. Inside the clip range the step
+    is proportional to the error, not just its sign."""
+    n, h = 2048, 10000
+    cases = [(5.5e-4, 0.1), (4.75e-4, -0.05), (5e-4, 0.0),   # inside: +10%, -5%, on target
+             (6e-4, 0.2), (4e-4, -0.2),                       # the edges, 1.2 and 0.8 x target
+             (1e-2, 0.2), (0.0, -0.2)]                        # far outside: clipped
+    for kl, error in cases:
+        expected = 1e-3 * (1 + error * n / h)
+        assert grpo.update_kl_coef(1e-3, kl, 5e-4, n, h) == pytest.approx(expected, rel=1e-9), kl
+    expected = 1e-3 * (1 + 0.1 * 512 / h)  # the step scales with the samples seen
+    assert grpo.update_kl_coef(1e-3, 5.5e-4, 5e-4, 512, h) == pytest.approx(expected, rel=1e-9)
+    assert grpo.update_kl_coef(2e-3, 5e-4, 5e-4, n, h) == 2e-3  # on target: unchanged
 
 
 def test_adaptive_kl_update_follows_openrlhf():
@@ -346,6 +394,23 @@ def test_cached_vision_features_give_the_same_logprobs(tiny):
     assert torch.allclose(from_pixels, plain_from_cache, **FLOAT32)
 
 
+def test_optimise_applies_the_gradient_of_the_whole_batch_loss_for_each_aggregation(tmp_path):
+    """An update accumulated over micro-batches of 2 and all-reduced over 2 ranks applies the gradient of
+    (4) written out over the whole train batch, for --loss-agg seq, token and dr_grpo (the micro-batch
+    weights and DAPO's rank factor; tests/check_optimise.py)."""
+    import check_optimise
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    check_optimise.main(str(one))
+    run_two_ranks("tests/check_optimise.py", str(two))
+    for path, ranks in ((one, 1), (two, 2)):
+        results = json.load(open(path))
+        assert set(results) == {"seq", "token", "dr_grpo"}
+        for how, r in results.items():
+            assert r["ranks"] == ranks and r["samples"] == 16
+            assert r["max_abs_grad"] > 1e-4, how  # the update moves something
+            assert r["max_abs_diff"] <= FLOAT32["atol"] + FLOAT32["rtol"] * r["max_abs_grad"], (ranks, how, r)
+
+
 # ---------------------------------------------------------------------------- whole runs on the toy
 
 GRPO_SMALL = ["--model", "toy-base", "--rollout-batch-size", "4", "-G", "4", "--train-batch-size", "8",
@@ -363,9 +428,14 @@ def test_grpo_smoke_writes_every_metric_and_a_loadable_checkpoint(tmp_path):
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert len(rows) == 2 and REQUIRED <= set(rows[0])
     assert any(k.startswith("reward/") for k in rows[0])
-    assert rows[1]["kl_coef"] != rows[0]["kl_coef"]  # the adaptive controller moved it
-    # two updates per rollout step: the old-policy forward ran, and the first update has ratio 1
-    assert rows[0]["clip_frac"] >= 0 and rows[0]["kl"] >= 0
+    # an untrained model earns no reward: no group has a signal, no update moves the weights, so the
+    # policy stays the reference (KL 0) and the old policy (two updates a step: every ratio is 1)
+    assert [r["frac_zero_std"] for r in rows] == [1.0, 1.0] and rows[0]["reward_mean"] == 0.0
+    assert all(r["clip_frac"] == 0.0 and r["kl"] == approx(0.0) for r in rows)
+    # step 1 ran with --kl-coef; the controller (5) then moved it by the logged KL, 4 x 4 samples
+    assert rows[0]["kl_coef"] == 0.01 and rows[1]["kl_coef"] == pytest.approx(
+        grpo.update_kl_coef(rows[0]["kl_coef"], rows[0]["kl"], 5e-4, 16, 10000), rel=1e-12)
+    assert rows[1]["kl_coef"] < rows[0]["kl_coef"]
     groups = read_jsonl(os.path.join(out, "rollouts.jsonl"))
     assert [g["step"] for g in groups] == [1, 1, 2, 2]  # --log-groups 2 (the default) a step
     assert {"id", "kind", "image", "image_paths", "question", "reference", "box_frame"} <= set(groups[0])
@@ -441,6 +511,142 @@ def test_resume_reproduces_the_next_steps_and_logs_each_once(tmp_path):
             assert x[key] == approx(y[key]), key
 
 
+# The toy policy on its counting tasks (it earns rewards, so the weights move), KL with the adaptive
+# coefficient, two updates per step (the old-policy forward): all the state a resume must restore.
+KILLED = ["grpo.py", "--model", "toy", "--kinds", "digit", "--rollout-batch-size", "4", "-G", "4",
+          "--train-batch-size", "8", "--micro-batch-size", "4", "--max-new-tokens", "16",
+          "--lr", "1e-3", "--kl-coef", "0.01", "--kl-target", "5e-4", "--eval-data", "", "--quiet",
+          "--save-every", "2", "--max-steps", "4"]
+TIMES = {"step_time_s", "time_generate_s", "time_reward_s", "time_vision_s", "time_logprobs_s",
+         "time_update_s"}
+
+
+@pytest.fixture
+def start_grpo():
+    """start_grpo(run_dir, *flags): grpo.py in a process of its own, on the CPU, as a user starts
+    it, its output in run_dir.log; any still running when the test ends is killed."""
+    procs = []
+
+    def start(run_dir, *extra):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        with open(f"{run_dir}.log", "ab") as log:
+            cmd = [sys.executable, *KILLED, "--output-dir", run_dir, *extra]
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+        return procs[-1]
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for(condition, proc, what, timeout=300):
+    """Polls `condition` every 2 ms while `proc` runs; fails if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            with open(proc.args[proc.args.index("--output-dir") + 1] + ".log") as f:
+                pytest.fail(f"grpo.py ended ({proc.returncode}) before {what}:\n{f.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def kill(proc):
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def latest_checkpoint(run_dir):
+    """The checkpoint `latest` names, after checking that it holds what a load and a resume read."""
+    with open(os.path.join(run_dir, "latest")) as f:
+        name = f.read().strip()
+    path = os.path.join(run_dir, name)
+    for part in ("config.json", "model.safetensors", "tokenizer.json", "state.json",
+                 "train_state/optimizer.bin", "train_state/random_states_0.pkl"):
+        assert os.path.isfile(os.path.join(path, part)), f"{name} has no {part}"
+    with open(os.path.join(path, "state.json")) as f:
+        assert json.load(f)["step"] == int(name.removeprefix("checkpoint-")), name
+    return name
+
+
+def logged_steps(run_dir):
+    """The steps of metrics.jsonl's complete lines (the run may be writing one)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+
+
+def test_sigkill_mid_save_and_mid_step_then_resume_gives_the_uninterrupted_run(
+        tmp_path, start_grpo):
+    """Real SIGKILLs of grpo.py: first while it writes checkpoint-4, made deterministic from
+    outside (state.json, the last file save_checkpoint writes into checkpoint-4.tmp, is a named pipe
+    whose open() blocks until the kill); then, resumed from checkpoint-2, in the middle of step 4.
+    After each kill, and all through the resumes (a thread reads it every millisecond), `latest`
+    names a complete checkpoint. The last resume ends with the weights of the uninterrupted run, bit
+    for bit, and with its logs, each step once. That run is the first one: it ran steps 1-4 without
+    a break and had written their weights and logs when the kill came (and a reference run side by
+    side would double the test's time)."""
+    toy.policy_path()  # built here if missing
+    out = str(tmp_path / "run")
+    tmp = os.path.join(out, "checkpoint-4.tmp")
+    os.makedirs(tmp)
+    os.mkfifo(os.path.join(tmp, "state.json"))
+    first = start_grpo(out)
+    # 1. killed in save_checkpoint(step 4): all of checkpoint-4.tmp is written but state.json
+    wait_for(lambda: os.path.isfile(os.path.join(tmp, "tokenizer_config.json")), first, "the save")
+    time.sleep(0.2)  # it cannot get past opening the pipe: the kill lands in the save, whenever
+    if first.poll() is not None or os.path.exists(tmp[:-4]):
+        pytest.fail("the save went past checkpoint-4.tmp/state.json: the pipe no longer holds it")
+    kill(first)
+    assert latest_checkpoint(out) == "checkpoint-2"
+    assert logged_steps(out) == [1, 2, 3, 4]  # the step's row is written before its checkpoint
+    uninterrupted = load_file(os.path.join(tmp, "model.safetensors"))  # step 4's weights, complete
+    logs = {name: read_jsonl(os.path.join(out, name))
+            for name in ("metrics.jsonl", "rollouts.jsonl")}
+    os.remove(os.path.join(tmp, "state.json"))  # the pipe; the rest stays as the kill left it
+
+    problems, done = [], threading.Event()
+
+    def watch():  # `latest` names a complete checkpoint at every moment
+        while not done.is_set():
+            try:
+                latest_checkpoint(out)
+            except (AssertionError, OSError, ValueError) as e:
+                problems.append(repr(e))
+            time.sleep(0.001)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        # 2. resumed, killed in step 4, once the row of step 3 is logged (its checkpoint: step 2's)
+        stale = os.stat(os.path.join(out, "metrics.jsonl")).st_ino
+        second = start_grpo(out, "--resume")
+        metrics = os.path.join(out, "metrics.jsonl")
+        wait_for(lambda: os.stat(metrics).st_ino != stale  # cut back to step 2, then step 3
+                 and logged_steps(out)[-1:] == [3], second, "the row of step 3")
+        kill(second)
+        steps = logged_steps(out)  # [1, 2, 3], unless this process slept through all of step 4
+        assert steps in ([1, 2, 3], [1, 2, 3, 4])
+        assert latest_checkpoint(out) == "checkpoint-2" or steps == [1, 2, 3, 4]
+        # 3. resumed to the end
+        third = start_grpo(out, "--resume")
+        assert third.wait(timeout=300) == 0
+    finally:
+        done.set()
+        watcher.join()
+    assert not problems, problems[:3]
+    assert latest_checkpoint(out) == "checkpoint-4" and not os.path.exists(tmp)
+    resumed = load_file(os.path.join(out, "checkpoint-4", "model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    policy = plumbing.resolve_checkpoint(toy.policy_path())
+    start = load_file(os.path.join(policy, "model.safetensors"))
+    assert any(not torch.equal(start[k], resumed[k]) for k in start)  # the run trained
+    for name, rows in logs.items():  # each step once, as uninterrupted
+        got = read_jsonl(os.path.join(out, name))
+        assert [{k: v for k, v in r.items() if k not in TIMES} for r in got] == \
+            [{k: v for k, v in r.items() if k not in TIMES} for r in rows], name
+
+
 def test_two_cpu_ranks_keep_identical_weights(tmp_path):
     out = str(tmp_path / "ddp")
     # 9 held-out records over 2 ranks: one rank's shard is topped up with a record that counts 0
@@ -451,7 +657,12 @@ def test_two_cpu_ranks_keep_identical_weights(tmp_path):
     for accuracy in (summary["eval_start"]["all"], summary["eval_end"]["all"]):
         assert 0 < accuracy and (accuracy * 9) == pytest.approx(round(accuracy * 9))  # k/9, not k/10
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
-    assert len(rows) == 2 and rows[0]["frac_zero_std"] <= 1.0
+    groups = read_jsonl(os.path.join(out, "rollouts.jsonl"))  # rank 0's groups: 2 of a step's 4
+    assert len(rows) == 2
+    for r in rows:  # frac_zero_std counts the groups of both ranks: rank 0's, and 0-2 of rank 1's
+        mine = [g for g in groups if g["step"] == r["step"]]
+        zero = sum(len({c["reward"] for c in g["completions"]}) == 1 for g in mine)
+        assert len(mine) == 2 and r["frac_zero_std"] * 4 in (zero, zero + 1, zero + 2)
 
 
 def test_toy_defaults_run_unchanged_on_two_ranks(tmp_path):
@@ -472,9 +683,12 @@ def test_dynamic_sampling_on_two_ranks_fills_the_batch_with_groups_that_have_sig
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["ranks"] == 2 and summary["weights_in_sync"] is True and len(rows) == 3
-    assert all(r["prompts_drawn"] % 4 == 0 for r in rows) and max(r["prompts_drawn"] for r in rows) > 4
+    assert max(r["prompts_drawn"] for r in rows) > 4
     assert all(r["frac_zero_std"] == 0 for r in rows if r["prompts_drawn"] < 4 * 7)  # full: every group has signal
     assert all("reward/digit" not in r for r in rows if r["frac_zero_std"] == 0)  # the digit groups gave way
+    full = {r["step"] for r in rows if r["frac_zero_std"] == 0}
+    kept = [g for g in read_jsonl(os.path.join(out, "rollouts.jsonl")) if g["step"] in full]
+    assert kept and all(len({c["reward"] for c in g["completions"]}) > 1 for g in kept)  # rank 0's
 
 
 def test_the_importance_sampling_level_reaches_the_loss(tmp_path, monkeypatch):

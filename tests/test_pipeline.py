@@ -479,7 +479,7 @@ def test_bad_input_records_stop_or_are_counted(tmp_path, server_for, monkeypatch
     assert {why: c["all"] for why, c in stats["dropped"]["input"].items()} == {
         "bad record: duplicate id": 1, "bad record: missing 'id'": 1,
         "bad record: 'extras' must be a dict of label -> text": 1,
-        "bad record: no verifier for source 'mystery' (and no verifier_type)": 1}
+        "bad record: no verifier for source": 1}
     assert stats["kept"]["input"]["all"] == 1
     monkeypatch.setitem(sys.modules, "openai", None)  # build_data.py imports without it; build says what is missing
     with pytest.raises(SystemExit, match="pip install openai"):

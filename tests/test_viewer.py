@@ -116,8 +116,12 @@ def eval_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("viewer") / "eval")
     ev.main(["--model", "toy", "--limit", "4", "--output-dir", out, "--quiet"])
     records = {r["id"]: r for r in data.load_records(*toy.data_path("test"))}
+    scores = os.path.join(out, "toy", "toy.scores.jsonl")  # made old: eval.py's rows before the viewer
+    olds = [dict(id=r["id"], answer=r["reference"], pred=r["extracted"], score=r["score"])
+            for r in data.read_rows(scores)]
+    write_rows(scores, olds)
     rows = []
-    for old in data.read_rows(os.path.join(out, "toy", "toy.scores.jsonl")):
+    for old in olds:
         r = records[old["id"]]
         text = f"<think>I look.</think><answer>{answers(r)[1]}</answer>"
         rows.append(dict(id=r["id"], benchmark="toy", kind=r["kind"], image=r["image"],
