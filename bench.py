@@ -254,8 +254,8 @@ def gpu_3b(args, threads):
     flags = ["--min-pixels", str(c["pixels"]), "--max-pixels", str(c["pixels"]), "-G", str(c["G"]),
              "--rollout-batch-size", str(c["prompts"]), "--train-batch-size", str(n), "--micro-batch-size", "8",
              "--max-new-tokens", str(c["max_new_tokens"]), "--freeze-vision", "--gradient-checkpointing"]
-    spec = dict(kind="ours-grpo", model=path, kl=1e-3, updates=1, warmup=1, steps=2, threads=threads,
-                flags=flags, samples=n)
+    spec = dict(kind="ours-grpo", model=path, kl=1e-3, updates=1, warmup=1, steps=2,
+                threads=threads, flags=flags, samples=n)
     step = run_child(dict(spec, lora=0), args.out)
     lora = run_child(dict(spec, lora=16), args.out)  # the same step with LoRA r=16 (a bf16 base)
     gen = run_child(dict(kind="gpu-generate", model=path, warmup=0, steps=0, threads=threads), args.out)
@@ -280,7 +280,8 @@ def gpu_3b(args, threads):
                 static_compile_first_call_s=gen["static_compiled"]["first_s"], gen_bound_tok_per_s=bound,
                 update_mfu=6 * n_lm * trained_tokens / update_s / flops if update_s and flops else None,
                 lm_params=n_lm, phases={k: statistics.median(v) for k, v in step["phases"].items()},
-                lora16_step_s=statistics.median(lora["step_s"]), lora16_peak_mem_mb=lora["peak_mem_mb"])
+                lora16_step_s=statistics.median(lora["step_s"]),
+                lora16_peak_mem_mb=lora["peak_mem_mb"])
 
 
 # ----------------------------------------------------------------------------------------

@@ -232,6 +232,7 @@ def test_two_cpu_ranks_keep_identical_adapters(tmp_path):
     out = str(tmp_path / "ddp")
     run_two_ranks("grpo.py", *GRPO_LORA, "--max-steps", "2", "--output-dir", out,
                   "--kinds", "digit,mcq")  # digit and math give no signal in these two steps
-    summary = json.load(open(os.path.join(out, "summary.json")))
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
     assert summary["ranks"] == 2 and summary["weights_in_sync"] is True
     assert any(v.abs().sum() > 0 for k, v in adapters(out).items() if ".lora_B." in k)
