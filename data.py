@@ -155,6 +155,45 @@ def size_rule(processor=None):
     return rule
 
 
+def prompt_rule(processor, max_tokens):
+    """A function (record, sizes) -> None, or why the record's prompt, with its images of `sizes`
+    ((width, height) each), takes more than `max_tokens` tokens: so that a prompt that cannot fit
+    is a bad record when the data loads, not an error in the middle of a run. Its images' tokens
+    come from the processor's own resize (no pixels are read); its text is tokenized only when a
+    bound says it might not fit (every token is at least a byte of the text, and the chat
+    template's own text adds less than TEMPLATE_BYTES), so a load of real data tokenizes nothing."""
+    image_processor = processor.image_processor
+    resize = sys.modules[type(image_processor).__module__].smart_resize
+    patch, merge = image_processor.patch_size, image_processor.merge_size
+    size = dict(image_processor.size)
+
+    def image_tokens(width, height):
+        h, w = resize(height, width, factor=patch * merge, min_pixels=size["shortest_edge"],
+                      max_pixels=size["longest_edge"])
+        return (h // patch) * (w // patch) // merge ** 2
+
+    def rule(record, sizes):
+        tokens = sum(image_tokens(w, h) for w, h in sizes)
+        texts = [m["content"] if isinstance(m["content"], str) else
+                 "".join(part.get("text", "") for part in m["content"])
+                 for m in build_messages(record)]
+        if tokens + sum(len(t.encode()) for t in texts) + TEMPLATE_BYTES <= max_tokens:
+            return None
+        text = prompt_text(processor, record)  # a placeholder per image, which its tokens replace
+        tokens += len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - len(sizes)
+        if tokens <= max_tokens:
+            return None
+        return (f"its prompt has {tokens} tokens with its {len(sizes)} image(s), more than the "
+                f"{max_tokens} that fit; give the model smaller images (max pixels) or fewer "
+                "tokens to generate")
+    return rule
+
+
+# An allowance for a chat template's own text around the messages (role tags, image placeholders):
+# Qwen's add about 100 bytes; a bound, not a count (prompt_rule tokenizes where it matters).
+TEMPLATE_BYTES = 512
+
+
 def qwen_size_rule(width, height):
     """size_rule without a processor: Qwen's fixed limit."""
     ratio = max(width, height) / max(1, min(width, height))
@@ -241,12 +280,13 @@ def _check_fields(r, image_root, need_answer):
     return {**r, "kind": kind, "image_paths": paths, "answer": answer}
 
 
-def check_records(raw, image_root=None, need_answer=False, rule=None):
+def check_records(raw, image_root=None, need_answer=False, rule=None, prompt=None):
     """Checks many records at once: per record (normalised record, None) or (None, BadRecord).
 
     The fields first; then every image file, decoded whole (in parallel, each file once) and its
-    size checked by `rule` (size_rule: the model's processor; default Qwen's fixed limit); then
-    each ground truth against its verifier's rule (rewards.check_gts: math on its worker pool)."""
+    size checked by `rule` (size_rule: the model's processor; default Qwen's fixed limit); the
+    prompt's length by `prompt` (prompt_rule, when given); then each ground truth against its
+    verifier's rule (rewards.check_gts: math on its worker pool)."""
     rule = rule or size_rule()
     results = []
     for r in raw:
@@ -271,6 +311,11 @@ def check_records(raw, image_root=None, need_answer=False, rule=None):
         try:
             for path in rec["image_paths"] if rec else []:
                 check_size(path, *decode_check(path), rule)
+            problem = None
+            if rec and prompt:
+                problem = prompt(rec, [decode_check(path) for path in rec["image_paths"]])
+            if problem:
+                raise BadRecord(problem, "prompt too long")
         except BadRecord as e:
             results[i] = (None, e)
     ok = [(i, rec) for i, (rec, _) in enumerate(results) if rec]
@@ -292,13 +337,14 @@ def check_record(r, image_root, need_answer, rule=None):
 
 
 def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_bad=False,
-                 limit=None, rule=None):
+                 limit=None, rule=None, prompt=None):
     """Loads, validates and normalises every record of a VLAA-Thinking file (or hub dataset).
 
     A bad record raises BadRecord naming the file, the record id and what is wrong; with
     skip_bad=True it is counted, skipped, and the counts are printed. `kinds` keeps only
     those verifier kinds (e.g. {"digit", "mcq"}); `limit` the first N records of those kinds;
-    `rule` is the model's image size rule (size_rule(processor); default Qwen's fixed limit)."""
+    `rule` is the model's image size rule (size_rule(processor); default Qwen's fixed limit),
+    `prompt` its prompt length rule (prompt_rule; default none)."""
     if os.path.exists(data):
         raw = read_json_records(data)
     elif data.endswith((".json", ".jsonl")) and data.count(":") == 0:
@@ -319,7 +365,8 @@ def load_records(data, image_root=None, *, need_answer=False, kinds=None, skip_b
         raw = raw[:limit]
     records = []
     errors = []
-    for i, (r, (rec, e)) in enumerate(zip(raw, check_records(raw, image_root, need_answer, rule))):
+    checked = check_records(raw, image_root, need_answer, rule, prompt)
+    for i, (r, (rec, e)) in enumerate(zip(raw, checked)):
         if e:
             record_id = r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}"
             errors.append((f"{data}: record {record_id}: {e}", e.reason))

@@ -227,27 +227,35 @@ def apply_presets(args, real, toy_preset):
     return args
 
 
-def load_split(args, accelerator, split, **kwargs):
+def load_split(args, accelerator, split, reserve=None, max_prompt=None, **kwargs):
     """The records of --data ('toy': the toy's `split`, built once by the main process), checked
-    against the image processor --model will load (image_size_rule)."""
+    against the processor --model will load: its image sizes, and the prompt's length against the
+    model's positions less `reserve` (the tokens a run generates after the prompt) or against
+    `max_prompt`; a record that would fail there is a bad record now, not an error mid-run."""
     with accelerator.main_process_first():
         path, image_root = toy.resolve_data(args.data, args.image_root, split)
     kinds = set(args.kinds.split(",")) if args.kinds else None
-    return data.load_records(path, image_root, kinds=kinds, skip_bad=args.skip_bad,
-                             rule=image_size_rule(args, accelerator), **kwargs)
+    rule, prompt = processor_rules(args, accelerator, reserve, max_prompt)
+    return data.load_records(path, image_root, kinds=kinds, skip_bad=args.skip_bad, rule=rule,
+                             prompt=prompt, **kwargs)
 
 
-def image_size_rule(args, accelerator):
-    """data.size_rule of the image processor of --model, with --min/--max-pixels: an image it would
-    refuse is a bad record when the data loads, not an error in the middle of the run. Reads the
-    image processor's config only (the model loads later)."""
-    from transformers import AutoImageProcessor
+def processor_rules(args, accelerator, reserve=None, max_prompt=None):
+    """data.size_rule of --model's processor (with --min/--max-pixels), and its data.prompt_rule
+    for the positions left after `reserve` tokens, or `max_prompt` (None without either). Reads
+    the processor's and the model's configs only (the model loads later)."""
+    from transformers import AutoConfig, AutoProcessor
     with accelerator.main_process_first():  # the toy policy is built once, by the main process
         path = resolve_checkpoint(toy.resolve_model(args.model))
-    image_processor = AutoImageProcessor.from_pretrained(path,
-                                                         trust_remote_code=args.trust_remote_code)
-    set_pixels(image_processor, args.min_pixels, args.max_pixels)
-    return data.size_rule(image_processor)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    set_pixels(processor.image_processor, args.min_pixels, args.max_pixels)
+    if reserve is None and max_prompt is None:
+        return data.size_rule(processor), None
+    if reserve is not None:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        positions = getattr(config, "text_config", config).max_position_embeddings
+        max_prompt = min(max_prompt or positions, positions - reserve)
+    return data.size_rule(processor), data.prompt_rule(processor, max_prompt)
 
 
 def load_policy(args, accelerator, freeze_vision, weight_decay=0.0):
@@ -373,14 +381,15 @@ def setup_grpo(args):
     if local_train % micro:
         raise UserError(f"the train batch per rank ({local_train}) must be a multiple of "
                         "--micro-batch-size")
-    records = load_split(args, acc, "rl")
+    records = load_split(args, acc, "rl", reserve=args.max_new_tokens)
     if len(records) < args.rollout_batch_size:
         raise UserError(f"{len(records)} records is less than one rollout batch of "
                         f"{args.rollout_batch_size}")
     eval_records = None
     if args.eval_data:  # rule-scored kinds only: no reward model needed
         held_out = argparse.Namespace(**{**vars(args), "data": args.eval_data, "skip_bad": False})
-        split = load_split(held_out, acc, "test", limit=args.eval_limit)
+        split = load_split(held_out, acc, "test", reserve=args.eval_max_new_tokens,
+                           limit=args.eval_limit)
         eval_records = [r for r in split if r["kind"] != "open"]
     model, processor, optimizer, params, path = load_policy(args, acc, args.freeze_vision)
     policy = acc.unwrap_model(model)

@@ -112,7 +112,9 @@ def main(argv=None):
                                  f"processes x --micro-batch-size {micro_batch_size}")
 
     # ---- data and model --------------------------------------------------------------------
-    records = plumbing.load_split(args, accelerator, "sft", need_answer=True, limit=args.limit)
+    # the prompt alone must leave room for an answer token (data.encode_sft)
+    records = plumbing.load_split(args, accelerator, "sft", max_prompt=args.max_length - 1,
+                                  need_answer=True, limit=args.limit)
     if len(records) < args.batch_size:
         raise plumbing.UserError(f"{len(records)} records is less than one batch of "
                                  f"{args.batch_size}")

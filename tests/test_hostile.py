@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import data
+import grpo
 import plumbing
 import rewards
 import toy
@@ -241,6 +242,36 @@ def test_image_sizes_are_checked_by_the_processor_the_run_loads(base_model, monk
     monkeypatch.setattr(module, "smart_resize", refusing_small)
     assert "must be larger than factor:28" in data.size_rule(processor)(20, 100)
     assert data.size_rule()(20, 100) is None
+
+
+def test_a_prompt_that_cannot_fit_is_refused_when_loading(base_model, tmp_path):
+    """The prompt rule counts what encode_prompts makes (text and image tokens, without reading
+    pixels), so a record whose prompt leaves no room is refused at load, naming it: in grpo.py
+    against the positions less --max-new-tokens, with --skip-bad counted."""
+    _, processor = plumbing.load_model(base_model)
+    processor.image_processor.size = {"shortest_edge": 28 * 28, "longest_edge": 56 * 84}
+    records = data.load_records(*toy.data_path("test"), limit=12)
+    lengths = data.encode_prompts(processor, records)["attention_mask"].sum(1).tolist()
+    for r, n in zip(records, lengths):
+        sizes = [data.decode_check(p) for p in r["image_paths"]]
+        assert data.prompt_rule(processor, n)(r, sizes) is None
+        assert data.prompt_rule(processor, n - 1)(r, sizes).startswith(f"its prompt has {n} tokens")
+    positions = 4096  # the toy model's
+    longest = max(lengths)
+    path, image_root = toy.data_path("test")
+    with open(path) as f:
+        first = [next(f) for _ in range(12)]
+    with open(tmp_path / "twelve.jsonl", "w") as f:
+        f.writelines(first)
+    args = ["--model", "toy-base", "--data", str(tmp_path / "twelve.jsonl"), "--image-root", image_root,
+            "--eval-data", "", "--output-dir", str(tmp_path / "g"), "--quiet", "--max-pixels", str(56 * 84),
+            "--min-pixels", str(28 * 28), "--rollout-batch-size", "2", "-G", "2", "--train-batch-size", "4",
+            "--max-steps", "1"]
+    with pytest.raises(data.BadRecord, match=r"record .*: its prompt has \d+ tokens with its \d image"):
+        grpo.main([*args, "--max-new-tokens", str(positions - min(lengths) + 1)])
+    with pytest.raises(data.BadRecord, match=r"no usable records"):  # none fits: all counted, none left
+        grpo.main([*args, "--max-new-tokens", str(positions - min(lengths) + 1), "--skip-bad"])
+    grpo.main([*args, "--max-new-tokens", str(positions - longest)])  # every prompt fits: it runs
 
 
 def test_stand_ins_are_fixed_by_the_step_and_never_shared(hostile, tmp_path):
