@@ -22,7 +22,8 @@ How it measures:
      (SFT). Ours: step_time_s of the run's metrics.jsonl. TRL's: the time between consecutive
      on_step_end callbacks, summed over the updates of one rollout
   4. medians and interquartile ranges over all measured steps; ratio = ours / TRL
-On CUDA it also runs a Qwen2.5-VL-3B-shaped GRPO step with random weights (see gpu_3b).
+On CUDA it also runs a Qwen2.5-VL-3B-shaped GRPO step with random weights, with all weights and
+with LoRA r=16 (see gpu_3b).
 """
 import argparse
 import json
@@ -47,9 +48,12 @@ import toy
 # The toy presets of grpo.py and sft.py, written out so that both sides get exactly these values.
 GRPO_ARGS = dict(prompts=8, G=8, max_new_tokens=16, temperature=0.8, lr=1e-4, kinds="digit,math")
 SFT_ARGS = dict(batch_size=32, lr=2e-4)
-# (name, model, KL coefficient, updates per rollout). The third runs every forward of the loop:
-# the reference model (KL on) and the old-policy log-probs (two updates per rollout).
-GRPO_CONFIGS = [("toy", "toy", 0.0, 1), ("wide", "wide", 0.0, 1), ("toy-kl-2upd", "toy", 1e-3, 2)]
+# (name, model, KL coefficient, updates per rollout, LoRA rank). The third runs every forward of
+# the loop: the reference model (KL on) and the old-policy log-probs (two updates per rollout).
+# The wide-* four: all weights against LoRA r=16 (both sides: their LoRA, same LR), KL off and on.
+GRPO_CONFIGS = [("toy", "toy", 0.0, 1, 0), ("wide", "wide", 0.0, 1, 0),
+                ("toy-kl-2upd", "toy", 1e-3, 2, 0), ("wide-kl", "wide", 1e-3, 1, 0),
+                ("wide-lora16", "wide", 0.0, 1, 16), ("wide-lora16-kl", "wide", 1e-3, 1, 16)]
 SFT_CONFIGS = [("toy", "toy"), ("wide", "wide")]
 WIDE = dict(hidden=256, layers=4)  # untrained: it generates to the completion cap on both sides
 PHASES = ("time_generate_s", "time_vision_s", "time_logprobs_s", "time_reward_s", "time_update_s")
@@ -74,7 +78,8 @@ def ours_grpo(spec):
                "--rollout-batch-size", str(a["prompts"]), "--train-batch-size", str(a["prompts"] * a["G"]),
                "--micro-batch-size", str(a["prompts"] * a["G"]), "--max-new-tokens", str(a["max_new_tokens"]),
                "--temperature", str(a["temperature"]), "--lr", str(a["lr"]), "--kl-coef", str(spec["kl"]),
-               "--epochs", str(spec["updates"]), "--no-freeze-vision", *spec.get("flags", [])])
+               "--epochs", str(spec["updates"]), "--no-freeze-vision",
+               "--lora-r", str(spec["lora"]), *spec.get("flags", [])])
     rows = data.read_rows(os.path.join(spec["out"], "metrics.jsonl"))[spec["warmup"]:]
     samples = spec.get("samples", a["prompts"] * a["G"])
     phases = {k: [r[k] for r in rows] for k in PHASES if k in rows[0]}
@@ -138,8 +143,13 @@ def trl_grpo(spec):
         shuffle_dataset=False,  # keeps the order above
         generation_kwargs=dict(suppress_tokens=plumbing.vision_token_ids(processor)),  # as plumbing.generate does
         **trl_common(spec))
+    peft_config = None
+    if spec["lora"]:  # grpo.py's adapters; TRL's reference is then its model with them off too
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=spec["lora"], lora_alpha=32, target_modules=plumbing.LORA_TARGET)
     GRPOTrainer(model=model, processing_class=processor, reward_funcs=reward, args=config,
-                train_dataset=Dataset.from_list(rows), callbacks=[timer]).train()
+                train_dataset=Dataset.from_list(rows), callbacks=[timer],
+                peft_config=peft_config).train()
     return timer.per_rollout(spec["warmup"], spec["updates"], a["prompts"] * a["G"])
 
 
@@ -244,8 +254,10 @@ def gpu_3b(args, threads):
     flags = ["--min-pixels", str(c["pixels"]), "--max-pixels", str(c["pixels"]), "-G", str(c["G"]),
              "--rollout-batch-size", str(c["prompts"]), "--train-batch-size", str(n), "--micro-batch-size", "8",
              "--max-new-tokens", str(c["max_new_tokens"]), "--freeze-vision", "--gradient-checkpointing"]
-    step = run_child(dict(kind="ours-grpo", model=path, kl=1e-3, updates=1, warmup=1, steps=2, threads=threads,
-                          flags=flags, samples=n), args.out)
+    spec = dict(kind="ours-grpo", model=path, kl=1e-3, updates=1, warmup=1, steps=2,
+                threads=threads, flags=flags, samples=n)
+    step = run_child(dict(spec, lora=0), args.out)
+    lora = run_child(dict(spec, lora=16), args.out)  # the same step with LoRA r=16 (a bf16 base)
     gen = run_child(dict(kind="gpu-generate", model=path, warmup=0, steps=0, threads=threads), args.out)
     from transformers import AutoConfig
     text = AutoConfig.from_pretrained(path).text_config
@@ -267,7 +279,9 @@ def gpu_3b(args, threads):
                 gen_tok_per_s_bf16_static_compiled=gen["static_compiled"]["tok_per_s"],
                 static_compile_first_call_s=gen["static_compiled"]["first_s"], gen_bound_tok_per_s=bound,
                 update_mfu=6 * n_lm * trained_tokens / update_s / flops if update_s and flops else None,
-                lm_params=n_lm, phases={k: statistics.median(v) for k, v in step["phases"].items()})
+                lm_params=n_lm, phases={k: statistics.median(v) for k, v in step["phases"].items()},
+                lora16_step_s=statistics.median(lora["step_s"]),
+                lora16_peak_mem_mb=lora["peak_mem_mb"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -386,6 +400,8 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="measured steps per run (x blocks in all)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
     p.add_argument("--no-trl", action="store_true", help="time our side only")
+    p.add_argument("--configs", help="only these, comma-separated, e.g. grpo:wide,grpo:wide-lora16 "
+                                     "(names: GRPO_CONFIGS, SFT_CONFIGS; default: all)")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                    help="also the 3B-shaped GRPO step (needs CUDA)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak, if the GPU is not in GPU_PEAKS")
@@ -415,13 +431,15 @@ def main():
           f"({args.warmup} warm-up + {args.steps} measured steps)", flush=True)
 
     results = {"grpo": {}, "sft": {}}
-    for stage, configs in (("grpo", GRPO_CONFIGS), ("sft", [(n, m, 0.0, 1) for n, m in SFT_CONFIGS])):
-        for name, model, kl, updates in configs:
-            if model not in models:
+    sft_configs = [(n, m, 0.0, 1, 0) for n, m in SFT_CONFIGS]
+    for stage, configs in (("grpo", GRPO_CONFIGS), ("sft", sft_configs)):
+        for name, model, kl, updates, lora in configs:
+            wanted = not args.configs or f"{stage}:{name}" in args.configs.split(",")
+            if model not in models or not wanted:
                 continue
             kinds = [f"ours-{stage}"] + ([f"trl-{stage}"] if have_trl else [])
-            spec = dict(model=models[model], kl=kl, updates=updates, warmup=args.warmup, steps=args.steps,
-                        threads=args.threads)
+            spec = dict(model=models[model], kl=kl, updates=updates, lora=lora, warmup=args.warmup,
+                        steps=args.steps, threads=args.threads)
             m = alternate(kinds, spec, args.blocks, args.out)
             results[stage][name] = row = summarise(m[kinds[0]], m.get(f"trl-{stage}"))
             print(f"  {stage} {name}: ours {fmt(row['ours_s'])} s, TRL {fmt(row['trl_s'])} s, "
@@ -451,14 +469,19 @@ def main():
               f"bf16 dynamic cache {gpu['gen_tok_per_s_bf16_dynamic']:,.0f}, bf16 static cache compiled "
               f"{gpu['gen_tok_per_s_bf16_static_compiled']:,.0f} "
               f"(bandwidth bound {fmt(gpu['gen_bound_tok_per_s'], ',.0f')})")
+        print(f"the same step with LoRA r=16: {gpu['lora16_step_s']:.1f} s, "
+              f"peak {gpu['lora16_peak_mem_mb'] / 1024:.1f} GiB")
     rewards.close()
 
-    g, s = results["grpo"]["toy"], results["sft"]["toy"]
+    g, s = results["grpo"].get("toy", {}), results["sft"].get("toy", {})  # none with --configs
     grpo_ratios = [results["grpo"][k]["ratio"] for k in ("toy", "wide") if k in results["grpo"]]  # the goal: <= 0.5
-    summary = dict(grpo_step_s=g["ours_s"], trl_grpo_step_s=g["trl_s"], grpo_ratio=g["ratio"],
-                   sft_step_s=s["ours_s"], trl_sft_step_s=s["trl_s"], sft_ratio=s["ratio"],
-                   peak_mem_mb=g["ours_peak_mb"], trl_peak_mem_mb=g["trl_peak_mb"], device=device,
-                   goal_met=None if args.quick or not have_trl else all(r <= 0.5 for r in grpo_ratios)
+    summary = dict(grpo_step_s=g.get("ours_s"), trl_grpo_step_s=g.get("trl_s"),
+                   grpo_ratio=g.get("ratio"), sft_step_s=s.get("ours_s"),
+                   trl_sft_step_s=s.get("trl_s"), sft_ratio=s.get("ratio"),
+                   peak_mem_mb=g.get("ours_peak_mb"), trl_peak_mem_mb=g.get("trl_peak_mb"),
+                   device=device,
+                   goal_met=None if args.quick or args.configs or not have_trl
+                   else all(r <= 0.5 for r in grpo_ratios)
                    and all(r["ratio"] <= 1.0 for r in results["sft"].values()),
                    threads=args.threads, cpus=os.cpu_count(), machine=platform.platform(), torch=torch.__version__,
                    trl=trl.__version__ if have_trl else None, quick=args.quick, steps_per_side=args.blocks * args.steps,

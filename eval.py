@@ -6,6 +6,7 @@ split, comparison tables, response length and "aha" phrases, training curves.
     python eval.py plot out/sft out/grpo  # reward and response length by step (paper's Figure 6)
     python eval.py aha out/grpo           # aha phrases in a GRPO run's logged rollouts, by step
     python eval.py view out/grpo          # the logged groups, curves, eval items: one offline page
+    python eval.py merge out/grpo out/grpo-merged  # a LoRA run's adapters merged: a full model
     accelerate launch --num_processes 8 eval.py --model out/grpo-3b \\
         --model Qwen/Qwen2.5-VL-3B-Instruct --benchmarks all --bench-root benchmarks/
 
@@ -381,6 +382,14 @@ def main(argv=None):
         plot_args = p.parse_args(argv[1:])
         print(f"wrote {plot_runs(plot_args.runs, plot_args.out)}")
         return None
+    if argv[:1] == ["merge"]:  # what --model takes too, but for tools that cannot read adapters
+        p = argparse.ArgumentParser(prog="eval.py merge",
+                                    description="a LoRA checkpoint as one full model directory")
+        p.add_argument("checkpoint", help="a LoRA checkpoint, or the run directory holding it")
+        p.add_argument("out", help="the directory to write")
+        merge_args = p.parse_args(argv[1:])
+        print(f"wrote {plumbing.merge_adapters(merge_args.checkpoint, merge_args.out)}")
+        return None
     if argv[:1] == ["aha"]:
         p = argparse.ArgumentParser(prog="eval.py aha",
                                     description="aha phrases in GRPO rollouts over steps")
@@ -413,6 +422,8 @@ def main(argv=None):
             checkpoint = plumbing.resolve_checkpoint(toy.resolve_model(path))
         checkpoints[label] = checkpoint
         config = os.path.join(checkpoint, "config.json")
+        if not os.path.exists(config):  # a LoRA checkpoint
+            config = os.path.join(checkpoint, "adapter_config.json")
         saved = os.path.getmtime(config) if os.path.exists(config) else None
         settings = dict(checkpoint=checkpoint, saved=saved, max_new_tokens=args.max_new_tokens,
                         max_pixels=args.max_pixels, min_pixels=args.min_pixels)

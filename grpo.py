@@ -13,12 +13,14 @@ the update (pi_old), with rewards r_1..r_G:
   (4) J = mean_i 1/|o_i| sum_t [min(rho_t A_i, clip(rho_t, 1-eps, 1+eps) A_i)
                                 - beta KL_t]
   (5) beta <- beta (1 + clip(KL/target - 1, -0.2, 0.2) n/horizon)  OpenRLHF
+  (6) s_i   = exp(1/|o_i| sum_t log rho_t)    GSPO's sequence ratio: rho_t of
+              (4) with --importance-sampling-level sequence (Zheng et al. 2025)
 r_i comes from the ONE verifier of its task (rewards.py). A group whose
 rewards are all equal carries no signal: its advantages are exactly 0.
 
 How this departs from the paper, which does not say (each is a flag):
   1. the peak LR (the paper gives the cosine floor, OpenRLHF's 0.1 x peak)
-  2. clip eps: OpenRLHF's default
+  2. clip eps: OpenRLHF's default (GSPO's own for (6))
   3. the KL term is the k3 estimate (3) in the loss, d_t clamped to [-10, 10]:
      exp(d_t) overflows on a token the policy finds far less likely
   4. log-probs are of logits / temperature: (2) is against what was sampled
@@ -116,10 +118,14 @@ def aggregate(per_token, mask, how, max_new_tokens):
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
-                kl=None, kl_coef=0.0, how="seq", max_new_tokens=1):
+                kl=None, kl_coef=0.0, how="seq", max_new_tokens=1, level="token"):
     """-J of (4), aggregated by `how`, and the fraction of tokens whose
     ratio was clipped. advantages: (B,); the rest (B, T)."""
-    ratio = torch.exp(logprobs - old_logprobs)  # (B, T): rho_t of (2)
+    log_ratio = logprobs - old_logprobs  # (B, T): log rho_t of (2)
+    if level == "sequence":  # (6): one ratio s_i for all of o_i's tokens
+        tokens = mask.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
+        log_ratio = (log_ratio * mask).sum(1, keepdim=True) / tokens
+    ratio = torch.exp(log_ratio)  # (B, T), or (B, 1) for (6)
     adv = advantages.unsqueeze(1)  # (B, 1)
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
@@ -373,7 +379,8 @@ def micro_batch_loss(s, ro, rows, kl_coef):
         kl_mean = aggregate(kl, mask, "seq", 1)
     loss, clip_frac = policy_loss(
         logprobs, old, ro.advantages[rows], mask, a.clip_eps,
-        a.clip_eps_high, kl, kl_coef, a.loss_agg, a.max_new_tokens)
+        a.clip_eps_high, kl, kl_coef, a.loss_agg, a.max_new_tokens,
+        a.importance_sampling_level)
     return loss, kl_mean, clip_frac
 
 

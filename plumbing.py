@@ -17,6 +17,8 @@ import os
 import shutil
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +71,12 @@ def quiet_transformers():
 # ----------------------------------------------------------------------------------------
 # What every training stage shares: flags, presets, data, the policy
 
+# LoRA's default modules (not in the paper): the language model's attention and MLP projections,
+# Qwen3.5's linear-attention ones included; none in the vision tower, whose MLP names match too
+LORA_TARGET = (r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+               r"|in_proj_qkv|in_proj_z|out_proj)")
+
+
 def stage_args(doc, output_dir, data_help, preset):
     """An argument parser with the flags sft.py and grpo.py share; `preset(key)` says a
     default's values."""
@@ -96,6 +104,17 @@ def stage_args(doc, output_dir, data_help, preset):
     a("--report-to", default="none",
       help="also log the metrics rows to these trackers, comma-separated: tensorboard, wandb, "
            "trackio (each an optional package); metrics.jsonl is always written")
+    # LoRA (not in the paper): README "LoRA"
+    a("--lora-r", type=int, default=0,
+      help="train LoRA adapters of this rank, the base weights (vision tower included) frozen, "
+           f"the LR presets x {LORA_LR_SCALE}; 0: train the weights themselves")
+    a("--lora-alpha", type=float, default=32.0,
+      help="adapter scale alpha / r (32 at every rank, as LoRA Without Regret)")
+    a("--lora-dropout", type=float, default=0.0,
+      help="dropout on the adapters' input (GRPO: keep 0, or log pi is noisy)")
+    a("--lora-target", default=LORA_TARGET,
+      help="the modules that get adapters: a regular expression their whole name matches "
+           "(default: the language model's attention and MLP projections)")
     return p
 
 
@@ -122,9 +141,12 @@ def grpo_flags(p, preset):
     a("--lr", type=float, help="peak LR (not in the paper)" + preset("lr"))
     a("--min-lr", type=float, help="cosine floor" + preset("min_lr"))
     a("--warmup-ratio", type=float, default=0.03, help="linear warmup share (paper: 0.03)")
-    a("--clip-eps", type=float, default=0.2,
-      help="eps of (4) (not in the paper; OpenRLHF's 0.2)")
-    a("--clip-eps-high", type=float, help="upper clip, DAPO's clip-higher (default: --clip-eps)")
+    a("--clip-eps", type=float,
+      help="eps of (4) (not in the paper; OpenRLHF's 0.2), of (6) GSPO's 3e-4")
+    a("--clip-eps-high", type=float,
+      help="upper clip, DAPO's clip-higher (default: --clip-eps; (6): GSPO's 4e-4)")
+    a("--importance-sampling-level", default="token", choices=["token", "sequence"],
+      help="token: (2)'s rho_t, as the paper; sequence: GSPO's ratio (6), one a sequence")
     a("--kl-coef", type=float, help="initial beta of (4); 0 loads no reference" + preset("kl_coef"))
     a("--kl-target", type=float,
       help="target of the adaptive KL (5); none: a fixed beta" + preset("kl_target"))
@@ -183,13 +205,25 @@ def start(args, project):
     return accelerator
 
 
+# LoRA's best LR is ~10x full fine-tuning's (LoRA Without Regret, Schulman et al. 2025, alpha 32)
+LORA_LR_SCALE = 10
+# GSPO's clip range for its sequence ratio (6), whose log is a mean over the tokens: 3e-4 below,
+# 4e-4 above (Zheng et al. 2025, "Group Sequence Policy Optimization", section 5.1)
+CLIP_EPS = {"token": (0.2, None), "sequence": (3e-4, 4e-4)}
+
+
 def apply_presets(args, real, toy_preset):
     """Fills the flags left unset with the toy recipe when training on the toy data (--data toy,
-    from
-    the toy policy or any checkpoint trained from it), else with the real one."""
+    from the toy policy or any checkpoint trained from it), else with the real one; with
+    adapters, LORA_LR_SCALE x the LRs. grpo.py's clip range left unset: CLIP_EPS of its level."""
     for key, value in (toy_preset if args.data == "toy" else real).items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            lora_lr = args.lora_r and key in ("lr", "min_lr")
+            setattr(args, key, value * LORA_LR_SCALE if lora_lr else value)
+    level = getattr(args, "importance_sampling_level", None)
+    if level and args.clip_eps is None:
+        args.clip_eps, high = CLIP_EPS[level]
+        args.clip_eps_high = args.clip_eps_high or high
     return args
 
 
@@ -230,19 +264,82 @@ def load_policy(args, accelerator, freeze_vision, weight_decay=0.0):
     Returns (model, processor, optimizer, params, the checkpoint path it came from)."""
     with accelerator.main_process_first():  # the toy policy is built once, by the main process
         path = toy.resolve_model(args.model)
-    model, processor = load_model(path, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+    # with adapters on a GPU the frozen base is bf16 (half the memory; autocast computes in bf16)
+    dtype = torch.bfloat16 if args.lora_r and accelerator.device.type == "cuda" else None
+    model, processor = load_model(path, dtype=dtype, min_pixels=args.min_pixels,
+                                  max_pixels=args.max_pixels,
                                   trust_remote_code=args.trust_remote_code)
     if freeze_vision:
         freeze_vision_tower(model)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
         set_use_cache(model, False)
+    if args.lora_r:
+        model = add_adapters(model, args, path)
+        accelerator.register_save_state_pre_hook(keep_adapters)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     # FSDP swaps the parameters for sharded ones: clip those
     params = [p for p in model.parameters() if p.requires_grad]
     return model, processor, optimizer, params, path
+
+
+def add_adapters(model, args, base):
+    """LoRA adapters put into the model in place (peft) on the modules --lora-target names: they
+    alone train, so the gradients and AdamW state are theirs only. The model keeps its class, so
+    DDP, FSDP and generate() see it as before; its checkpoints hold the adapters and name `base`,
+    the checkpoint they apply to (save_adapters)."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=args.lora_target)
+    with warnings.catch_warnings(), torch.random.fork_rng():  # A's random start: from --seed
+        warnings.simplefilter("ignore", FutureWarning)  # peft 0.21 reads a property transformers
+        torch.manual_seed(args.seed)                     # 5 deprecates
+        try:  # the wrapper keeps the adapters fp32 over a bf16 base; we train the model inside
+            model = get_peft_model(model, config).get_base_model()
+        except ValueError as e:  # no module matches
+            raise UserError(f"--lora-target {args.lora_target}: {e}") from None
+    base = resolve_checkpoint(base)
+    local = os.path.isdir(base)  # a directory, named whole; else a hub id
+    model.peft_config["default"].base_model_name_or_path = os.path.abspath(base) if local else base
+    return model
+
+
+@contextmanager
+def adapters_off(model):
+    """peft's disable_adapter() for a model whose adapters were put in place (add_adapters)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+class AdapterFree:
+    """The KL reference with adapters: the policy with its adapters switched off is the start
+    policy itself, so no second model is loaded. Called like a model (grpo.token_logprobs);
+    bare() finds the policy inside."""
+
+    def __init__(self, policy):
+        self.module = policy  # outside DDP's wrapper
+
+    @torch.no_grad()
+    def __call__(self, **inputs):
+        with adapters_off(self.module):
+            return self.module(**inputs)
+
+
+def keep_adapters(models, weights, output_dir):
+    """accelerate's save_state hook with adapters: train_state/ holds them, not the frozen base
+    (--resume loads that from --model)."""
+    for state in weights:
+        for key in [k for k in state if "lora_" not in k]:
+            del state[key]
 
 
 @dataclass
@@ -263,7 +360,7 @@ class Setup:
     synced_gpus: bool          # FSDP/ZeRO-3: every rank generates until all ranks are done
     max_prompt: int            # prompt tokens that fit beside the completion
     cache_vision: bool         # a frozen tower's features, encoded once a step for every forward
-    reference: torch.nn.Module = None  # the frozen start policy, only with the KL term
+    reference: torch.nn.Module = None  # the frozen start policy (AdapterFree), only with KL
     scorer: object = None              # the open-ended reward model, only for open records
     run: object = None                 # the Run: a record that fails mid-run stops it (settle)
 
@@ -304,9 +401,12 @@ def setup_grpo(args):
               synced_gpus=acc.distributed_type in sharded,
               max_prompt=text_config.max_position_embeddings - args.max_new_tokens,
               # not under FSDP/ZeRO-3: a tower run outside the forward would miss its shards
-              cache_vision=args.freeze_vision and acc.distributed_type not in sharded)
+              cache_vision=vision_frozen(policy) and acc.distributed_type not in sharded)
     if args.kl_coef > 0 or args.kl_target is not None:
-        s.reference = load_reference(path, acc, args.trust_remote_code)
+        if args.lora_r:  # the policy with its adapters off: no second model
+            s.reference = AdapterFree(policy)
+        else:
+            s.reference = load_reference(path, acc, args.trust_remote_code)
     if any(r["kind"] == "open" for r in records):
         if not args.reward_model:
             raise UserError(f"{args.data} has open-ended records: pass --reward-model, or "
@@ -363,15 +463,37 @@ def clock(device):
 def load_model(name, dtype=None, min_pixels=None, max_pixels=None, trust_remote_code=False):
     """(model, processor) through the Auto classes - toy and real checkpoints alike.
     Safetensors only; remote code only when asked for."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
     quiet_transformers()
     path = resolve_checkpoint(name)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     set_pixels(processor.image_processor, min_pixels, max_pixels)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32,
-                                                        use_safetensors=True,
-                                                        trust_remote_code=trust_remote_code)
-    return model, processor
+    return load_weights(path, dtype, trust_remote_code), processor
+
+
+def load_weights(path, dtype=None, trust_remote_code=False):
+    """The model of a checkpoint directory or hub id; of a LoRA checkpoint (adapter_config.json),
+    the base model it names with the adapters merged in (a base may be one too)."""
+    from transformers import AutoModelForImageTextToText
+    adapters = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(adapters):
+        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32,
+                                                           use_safetensors=True,
+                                                           trust_remote_code=trust_remote_code)
+    from peft import PeftModel
+    with open(adapters) as f:
+        base = resolve_checkpoint(json.load(f)["base_model_name_or_path"])
+    model = load_weights(base, dtype, trust_remote_code)
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
+
+
+def merge_adapters(checkpoint, out_dir):
+    """`python eval.py merge`: a LoRA checkpoint (or its run directory) written as a full model
+    directory, the adapters merged into the base, that AutoModelForImageTextToText loads alone."""
+    model, processor = load_model(checkpoint)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    return out_dir
 
 
 def set_pixels(image_processor, min_pixels=None, max_pixels=None):
@@ -393,16 +515,26 @@ def can_share_prompts(model):
 
 
 def bare(model):
-    """The model inside a DDP wrapper (FSDP2 shards the model in place: no wrapper)."""
+    """The model inside a DDP or AdapterFree wrapper (FSDP2 shards the model in place: none)."""
     return getattr(model, "module", model)
+
+
+def vision_tower(model):
+    """The vision tower and its merger."""
+    model = bare(model)
+    inner = getattr(model, "model", None)
+    return inner.visual if hasattr(inner, "visual") else model.visual
 
 
 def freeze_vision_tower(model):
     """The vision tower (and its merger) stops training, as in the paper's SFT."""
-    inner = getattr(model, "model", None)
-    vision = inner.visual if hasattr(inner, "visual") else model.visual
-    for p in vision.parameters():
+    for p in vision_tower(model).parameters():
         p.requires_grad_(False)
+
+
+def vision_frozen(model):
+    """Whether no weight of the vision tower trains (--freeze-vision, or adapters elsewhere)."""
+    return not any(p.requires_grad for p in vision_tower(model).parameters())
 
 
 def set_use_cache(model, value):
@@ -645,7 +777,10 @@ def save_checkpoint(accelerator, model, processor, run_dir, step, state, keep=2)
         # Gradient checkpointing sets use_cache=False; saved, it makes every later generate() re-run
         # the whole sequence per token (minutes instead of seconds), so the saved config says True.
         use_cache = set_use_cache(unwrapped, True)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if hasattr(unwrapped, "peft_config"):  # LoRA (add_adapters): the adapters alone
+            save_adapters(unwrapped, tmp, state_dict)
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         set_use_cache(unwrapped, use_cache)
         processor.save_pretrained(tmp)
         with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -664,13 +799,26 @@ def save_checkpoint(accelerator, model, processor, run_dir, step, state, keep=2)
     return os.path.join(run_dir, name)
 
 
-def load_train_state(accelerator, run_dir):
+def save_adapters(model, directory, state_dict):
+    """A LoRA checkpoint as peft's PeftModel writes it, which load_weights, peft and vLLM read:
+    adapter_model.safetensors and adapter_config.json, which names the base model."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    # no embeddings: they never train here (and "auto" would ask the hub about the base)
+    adapters = get_peft_model_state_dict(model, state_dict=state_dict, save_embedding_layers=False)
+    adapters = {f"base_model.model.{k}": v.contiguous() for k, v in adapters.items()}
+    save_file(adapters, os.path.join(directory, "adapter_model.safetensors"), {"format": "pt"})
+    model.peft_config["default"].save_pretrained(directory)
+
+
+def load_train_state(accelerator, run_dir, strict=True):
     """Restores model, optimizer and RNG from run_dir's latest checkpoint; returns its state.json
-    (step, data position, ...), or None when there is nothing to resume."""
+    (step, data position, ...), or None when there is nothing to resume. strict=False: the saved
+    model state may be a part (keep_adapters)."""
     path = resolve_checkpoint(run_dir)
     if path == run_dir:
         return None
-    accelerator.load_state(os.path.join(path, "train_state"))
+    accelerator.load_state(os.path.join(path, "train_state"), strict=strict)
     with open(os.path.join(path, "state.json")) as f:
         return json.load(f)
 
@@ -811,7 +959,8 @@ class Run:
         # skipped_records: records whose file changed on disk mid-run, by reason (settle)
         self.state = dict(step=0, skipped_records={}, **state)
         if args.resume:
-            self.state.update(load_train_state(accelerator, args.output_dir) or {})
+            resumed = load_train_state(accelerator, args.output_dir, strict=not args.lora_r)
+            self.state.update(resumed or {})
         os.makedirs(args.output_dir, exist_ok=True)
         self.logs = {f: open_log(accelerator, args.output_dir, f, self.step) for f in logs}
         self.talks = accelerator.is_main_process and not args.quiet

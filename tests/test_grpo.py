@@ -74,6 +74,44 @@ def test_clipped_surrogate_by_hand():
     assert loss.item() == pytest.approx(-(1.2 + 1.0) / 2 + 0.5 * 0.2)
 
 
+def test_gspo_sequence_ratio_by_hand():
+    """(6): one ratio a sequence, s_i = exp(mean_t log rho_t) over its own tokens, clipped whole;
+    the per-sequence mean of (4) then averages min(s_i A_i, clip(s_i) A_i) over the sequences."""
+    logp = torch.log(torch.tensor([[0.5, 0.9, 0.3], [0.2, 0.4, 0.7]]))
+    old = torch.log(torch.tensor([[0.25, 0.9, 0.6], [0.2, 0.5, 0.7]]))
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # row 0's third token is padding
+    s = [(2.0 * 1.0) ** (1 / 2), (1.0 * 0.8 * 1.0) ** (1 / 3)]  # 1.414, 0.928: its tokens only
+    clip = [min(max(x, 1 - 0.05), 1 + 0.2) for x in s]  # 1.2 (above), 0.95 (below)
+    A = [1.0, -1.0]
+    loss, clip_frac = grpo.policy_loss(logp, old, torch.tensor(A), mask, 0.05, 0.2,
+                                       level="sequence")
+    J = sum(min(x * a, c * a) for x, c, a in zip(s, clip, A)) / 2  # both pessimistic: clipped
+    assert loss.item() == pytest.approx(-J) and clip_frac.item() == 1.0
+    loss, clip_frac = grpo.policy_loss(logp, old, torch.tensor(A), mask, 0.1, 0.5, level="sequence")
+    assert loss.item() == pytest.approx(-(s[0] * 1.0 - s[1]) / 2) and clip_frac.item() == 0.0
+    # token-level averaging of the same: each sequence weighs by its tokens (2 and 3 of 5)
+    loss, clip_frac = grpo.policy_loss(logp, old, torch.tensor(A), mask, 0.1, 0.2, how="token",
+                                       level="sequence")
+    assert loss.item() == pytest.approx(-(2 * 1.2 - 3 * s[1]) / 5)
+    assert clip_frac.item() == approx(0.4)
+    kl = torch.tensor([[0.1, 0.3, 9.0], [0.0, 0.2, 0.4]])  # the KL term stays per token
+    with_kl, _ = grpo.policy_loss(logp, old, torch.tensor(A), mask, 0.1, 0.5, kl, 0.5,
+                                  level="sequence")
+    assert with_kl.item() == pytest.approx(-(s[0] - s[1]) / 2 + 0.5 * (0.2 + 0.2) / 2)
+
+
+def test_gspo_clip_range_defaults():
+    args = grpo.parse_args([])
+    assert args.importance_sampling_level == "token"
+    assert (args.clip_eps, args.clip_eps_high) == (0.2, 0.2)
+    args = grpo.parse_args(["--importance-sampling-level", "sequence"])
+    assert (args.clip_eps, args.clip_eps_high) == (3e-4, 4e-4)  # GSPO's, section 5.1
+    args = grpo.parse_args(["--importance-sampling-level", "sequence", "--clip-eps", "1e-3"])
+    assert (args.clip_eps, args.clip_eps_high) == (1e-3, 1e-3)
+    args = grpo.parse_args(["--importance-sampling-level", "sequence", "--clip-eps-high", "1e-3"])
+    assert (args.clip_eps, args.clip_eps_high) == (3e-4, 1e-3)
+
+
 def test_clipped_surrogate_with_asymmetric_bounds_by_hand():
     """DAPO's clip-higher (--clip-eps 0.2 --clip-eps-high 0.28): rho is clipped to [0.8, 1.28].
     Ratios below, inside and above, positive and negative advantages, a padded token: loss,
@@ -274,9 +312,12 @@ def test_rollout_select_and_cat_keep_groups_whole(tiny):
     assert torch.equal(kept.pixels[0], b.pixels[2]) and torch.equal(kept.grids[1], a.grids[0])
 
 
-def test_one_update_gradient_equals_the_papers_objective(tiny):
+@pytest.mark.parametrize("level, eps", [("token", 0.2), ("sequence", 0.03)])
+def test_one_update_gradient_equals_the_papers_objective(tiny, level, eps):
     """grpo.py's padded, batched loss == the GRPO objective written out per sequence and token:
-    J = mean_i (1/|o_i|) sum_t [min(r_t A_i, clip(r_t) A_i) - beta KL_t],  r_t = pi/pi_old."""
+    J = mean_i (1/|o_i|) sum_t [min(r_t A_i, clip(r_t) A_i) - beta KL_t],  r_t = pi/pi_old;
+    GSPO's (6): r_t = s_i = exp(mean_t log pi/pi_old) for every t, clipped tighter, so that some
+    sequences are clipped (no gradient through their ratio) and some are not."""
     model, processor = tiny
     model = model.float().train()
     G, T, beta = 2, 1.3, 0.05
@@ -299,14 +340,15 @@ def test_one_update_gradient_equals_the_papers_objective(tiny):
         logp = grpo.token_logprobs(model, ro, rows, T, fast=fast)
         width = logp.shape[1]
         loss, _ = grpo.policy_loss(logp, ro.old_logprobs[rows, :width], ro.advantages[rows],
-                                   ro.completion_mask[rows, :width], 0.2, 0.2,
-                                   grpo.k3_kl(logp, ro.ref_logprobs[rows, :width]), beta)
+                                   ro.completion_mask[rows, :width], eps, eps,
+                                   grpo.k3_kl(logp, ro.ref_logprobs[rows, :width]), beta,
+                                   level=level)
         loss.backward()
         ours.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
 
     # (b) the objective, one unpadded sequence at a time
     model.zero_grad()
-    J = 0.0
+    J, clipped = 0.0, []
     for i in range(n):
         prompt = data.encode_prompts(processor, records[i // G:i // G + 1])
         m = int(ro.completion_mask[i].sum())
@@ -316,14 +358,17 @@ def test_one_update_gradient_equals_the_papers_objective(tiny):
                     image_grid_thw=prompt["image_grid_thw"], mm_token_type_ids=data.mm_token_types(processor, ids))
         logits = out.logits[0, prompt["input_ids"].shape[1] - 1:-1] / T
         lp = torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
-        r = torch.exp(lp - (lp.detach() + noise_old[i, :m]))
+        log_r = lp - (lp.detach() + noise_old[i, :m])
+        r = torch.exp(log_r if level == "token" else log_r.mean().expand(m))  # (m,)
         A = ro.advantages[i]
-        surr = torch.min(r * A, torch.clamp(r, 0.8, 1.2) * A)
+        surr = torch.min(r * A, torch.clamp(r, 1 - eps, 1 + eps) * A)
+        clipped.append(bool(((r - 1).abs() > eps).any()))
         d = (lp.detach() + noise_ref[i, :m]) - lp
         kl = torch.exp(d) - d - 1
         J = J + (surr - beta * kl).sum() / m
     (-(J / n)).backward()
     direct = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert level == "token" or 0 < sum(clipped) < n  # (6): both kinds of sequence
     for grads in ours:
         assert len(grads) == len(direct)
         for g1, g2 in zip(grads, direct):  # padded and batched vs one by one: float32 sums in another order
@@ -644,6 +689,21 @@ def test_dynamic_sampling_on_two_ranks_fills_the_batch_with_groups_that_have_sig
     full = {r["step"] for r in rows if r["frac_zero_std"] == 0}
     kept = [g for g in read_jsonl(os.path.join(out, "rollouts.jsonl")) if g["step"] in full]
     assert kept and all(len({c["reward"] for c in g["completions"]}) > 1 for g in kept)  # rank 0's
+
+
+def test_the_importance_sampling_level_reaches_the_loss(tmp_path, monkeypatch):
+    """--importance-sampling-level sequence: every loss of the run takes GSPO's ratio (6), with
+    GSPO's clip range."""
+    real, seen = grpo.policy_loss, []
+
+    def record(*args, **kwargs):
+        seen.append((args[4], args[5], args[10]))  # clip_low, clip_high, level
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "policy_loss", record)
+    grpo.main([*GRPO_SMALL, "--max-steps", "1", "--output-dir", str(tmp_path),
+               "--importance-sampling-level", "sequence"])
+    assert len(seen) == 4 and set(seen) == {(3e-4, 4e-4, "sequence")}
 
 
 def test_metrics_go_to_tensorboard_too(tmp_path):
