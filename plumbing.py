@@ -122,8 +122,9 @@ def grpo_flags(p, preset):
     """grpo.py's flags, after stage_args': the algorithm, the memory knobs, the held-out evaluation
     and the logs. `preset(key)` says a default's values (grpo.PAPER and grpo.TOY)."""
     a = p.add_argument
-    a("--reward-model", help="open-ended scorer: a VLM judge, internlm/internlm-xcomposer2d5-"
-                             "7b-reward, or a sequence classifier")
+    a("--reward-model", help="open-ended scorer: any VLM as a judge (rewards.JUDGE_PROMPT; "
+      "not in the paper), internlm/internlm-xcomposer2d5-7b-reward (the paper's; needs "
+      "--trust-remote-code) or a sequence classifier")
     a("--reward-beta", type=float, default=rewards.OPEN_BETA,
       help="beta of the open-ended reward (not in the paper)")
     # the algorithm
@@ -411,8 +412,12 @@ def setup_grpo(args):
         if not args.reward_model:
             raise UserError(f"{args.data} has open-ended records: pass --reward-model, or "
                             "--kinds without 'open'")
-        s.scorer = rewards.load_scorer(args.reward_model, trust_remote_code=args.trust_remote_code,
-                                       device=acc.device)
+        try:
+            s.scorer = rewards.load_scorer(resolve_checkpoint(args.reward_model),
+                                           trust_remote_code=args.trust_remote_code,
+                                           device=acc.device)
+        except rewards.RewardModelError as e:  # a missing or unusable --reward-model: one line
+            raise UserError(str(e)) from None
     return s
 
 

@@ -397,11 +397,29 @@ def reward_batch(responses, gts, kinds, contexts=None, scorer=None):
         questions = [c.get("question", "") for c in ctxs]
         predictions = [answers[i] for i in open_items]
         open_scorer = scorer or ctxs[0]["scorer"]
-        scores = open_scorer.score(images * 2, questions * 2, predictions + refs)
+        scores = distinct_scores(open_scorer, images * 2, questions * 2, predictions + refs)
         n = len(open_items)  # scores: (2n,) predictions first, then references
         for j, (i, c) in enumerate(zip(open_items, ctxs)):
             rewards[i] = open_ended_reward(scores[j], scores[n + j], c.get("beta", OPEN_BETA))
     return rewards
+
+
+def distinct_scores(scorer, images, questions, texts):
+    """scorer.score over (image, question, text) triples, each distinct triple scored once: the G
+    samples of a group share one reference, and often an answer. An image is the same when it is
+    the same object (or path): the G contexts of a group hold one."""
+    keys = []
+    for image, question, text in zip(images, questions, texts):
+        same = image if image is None or isinstance(image, str) else id(image)
+        keys.append((same, question, text))
+    first = {}
+    for j, key in enumerate(keys):
+        first.setdefault(key, j)
+    todo = list(first.values())
+    scores = scorer.score([images[j] for j in todo], [questions[j] for j in todo],
+                          [texts[j] for j in todo]) if todo else []
+    by_key = dict(zip(first, scores))
+    return [by_key[key] for key in keys]
 
 # ------------------------------------------------------------- routing records to verifiers
 
@@ -682,13 +700,57 @@ def _math_parses(texts):
 
 # --------------------------------------------------------------- open-ended: a reward model
 
+# The question a generative judge answers about an open-ended answer; its next token is read as
+# Yes or No. Any vision-language chat model can be the judge (Qwen2.5-VL-7B-Instruct, say); the
+# toy's is trained on this exact prompt (toy.py). Not in the paper: its reward model is
+# InternLM-XComposer2.5-Reward, a scalar head.
+JUDGE_PROMPT = ("Question: {question}\nAnswer: {answer}\n"
+                "Is this answer to the question correct and complete for the image? "
+                "Answer Yes or No.")
+
+
+class RewardModelError(ValueError):
+    """A --reward-model that is missing, or that no backend of load_scorer can serve."""
+
+
+def judge_inputs(processor, images, questions, answers):
+    """A generative judge's prompts for (image, question, answer) triples, as one left-padded
+    batch of processor outputs: every row ends where the judge's reply starts, so its next token
+    is read at the last position of every row. An image is a PIL image, a path or None."""
+    from PIL import Image
+    # a template that would open a think block (Qwen3.5's) closes it: the next token is the verdict
+    template = str(getattr(processor, "chat_template", ""))
+    no_thinking = dict(enable_thinking=False) if "enable_thinking" in template else {}
+    texts, pictures = [], []
+    for image, question, answer in zip(images, questions, answers):
+        prompt = JUDGE_PROMPT.format(question=str(question).strip(), answer=str(answer).strip())
+        content = [{"type": "text", "text": prompt}]
+        if image is not None:
+            content.insert(0, {"type": "image"})
+            pictures.append(Image.open(image) if isinstance(image, str) else image)
+        texts.append(processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True,
+            **no_thinking))
+    pictures = [picture.convert("RGB") for picture in pictures]
+    return processor(text=texts, images=pictures or None, padding=True, padding_side="left",
+                     return_tensors="pt")
+
+
+def judge_token_ids(processor):
+    """The ids of the judge's "Yes" and "No" (their first token, where a tokenizer splits them)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return [tokenizer.encode(word, add_special_tokens=False)[0] for word in ("Yes", "No")]
+
+
 class RewardModelScorer:
     """A reward model S(image, question, answer) -> float (higher is better); see load_scorer.
 
     Backends: "internlm" is InternLM-XComposer2.5-Reward (image + text, through its own
     get_scores); "seqcls" is any AutoModelForSequenceClassification reward model (text only,
-    through its chat template; the image is not seen). Paper: the reward model lives on the CPU
-    and visits the GPU only inside score(), leaving the policy the GPU memory the rest of a step.
+    through its chat template; the image is not seen); "judge" is any vision-language model
+    asked JUDGE_PROMPT about the image, S = log p("Yes") - log p("No") of its next token
+    (`tokenizer` is then its processor). Paper: the reward model lives on the CPU and visits
+    the GPU only inside score(), leaving the policy the GPU memory the rest of a step.
     """
 
     def __init__(self, model, tokenizer, backend, device="cpu", batch_size=8, max_length=4096,
@@ -703,11 +765,14 @@ class RewardModelScorer:
         if backend == "seqcls":
             # left padding would shift positions: a batch would score unlike one by one
             tokenizer.padding_side = "right"
+        if backend == "judge":
+            self.yes, self.no = judge_token_ids(tokenizer)
 
     def score(self, images, questions, answers):
         """One float per (image, question, answer); an image is a PIL image, a path, or None."""
         import torch
-        batch_scores = self._internlm if self.backend == "internlm" else self._seqcls
+        batch_scores = {"internlm": self._internlm, "seqcls": self._seqcls,
+                        "judge": self._judge}[self.backend]
         scores = []
         self.model.to(self.device)
         try:
@@ -735,6 +800,12 @@ class RewardModelScorer:
                                max_length=self.max_length, add_special_tokens=False).to(self.device)
         return self.model(**batch).logits[:, 0].float().tolist()  # (B,) the scalar reward head
 
+    def _judge(self, images, questions, answers):
+        batch = judge_inputs(self.tokenizer, images, questions, answers).to(self.device)
+        logits = self.model(**batch).logits[:, -1].float()  # (B, V): the reply's first token
+        # log p(Yes) - log p(No): the softmax's normaliser cancels
+        return (logits[:, self.yes] - logits[:, self.no]).tolist()
+
     def _internlm(self, images, questions, answers):
         import contextlib
         import torch
@@ -759,29 +830,53 @@ def _is_internlm_reward(name_or_path):
 
 def load_scorer(name_or_path, trust_remote_code=False, device=None, dtype=None, batch_size=8,
                 max_length=4096):
-    """Build the open-ended reward model: InternLM-XComposer2.5-Reward or any sequence classifier.
+    """Build the open-ended reward model, the backend chosen by the checkpoint:
+    InternLM-XComposer2.5-Reward, a sequence classifier (its architecture says
+    ...ForSequenceClassification), or any vision-language model as a generative judge
+    (JUDGE_PROMPT). Anything else, or nothing there, is a RewardModelError.
 
     device: where score() runs (default: "cuda" when available); the model is kept on the CPU.
     The paper's model, `internlm/internlm-xcomposer2d5-7b-reward`, runs code shipped with its
     weights, so it loads only with trust_remote_code=True.
     """
     if _is_internlm_reward(name_or_path) and not trust_remote_code:
-        raise ValueError(f"{name_or_path} is InternLM-XComposer2.5-Reward, whose model code ships "
-                         "with its weights: pass trust_remote_code=True (after reading that code) "
-                         "to load it")
+        raise RewardModelError(
+            f"{name_or_path} is InternLM-XComposer2.5-Reward, whose model code ships with its "
+            "weights: pass trust_remote_code=True (after reading that code) to load it")
     import torch
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (AutoConfig, AutoModel, AutoModelForImageTextToText,
+                              AutoModelForSequenceClassification, AutoProcessor, AutoTokenizer)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RewardModelError(f"reward model {name_or_path!r}: no model there ({reason})") from None
     if _is_internlm_reward(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
         model = AutoModel.from_pretrained(name_or_path, dtype=dtype or torch.float16,
                                           trust_remote_code=True)
         model.tokenizer = tokenizer  # its get_scores reads the tokenizer from the model
         return RewardModelScorer(model, tokenizer, "internlm", device, batch_size, max_length)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:  # the classifier finds each row's last token by it
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return RewardModelScorer(model, tokenizer, "seqcls", device, batch_size, max_length)
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if model.config.pad_token_id is None:  # the classifier finds each row's last token by it
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return RewardModelScorer(model, tokenizer, "seqcls", device, batch_size, max_length)
+    remote_vlm = trust_remote_code and "AutoModelForImageTextToText" in (
+        getattr(config, "auto_map", None) or {})
+    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or remote_vlm:
+        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            name_or_path, dtype=dtype or torch.float32, use_safetensors=True,
+            trust_remote_code=trust_remote_code)
+        return RewardModelScorer(model, processor, "judge", device, batch_size, max_length)
+    raise RewardModelError(
+        f"reward model {name_or_path!r} is a {config.model_type} model: neither a vision-language "
+        "model (a judge), a sequence classifier nor InternLM-XComposer2.5-Reward")

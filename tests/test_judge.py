@@ -1,0 +1,128 @@
+"""The open-ended reward's generative-judge backend (rewards.py): any vision-language model asked
+JUDGE_PROMPT about the image, S = log p("Yes") - log p("No") of its next token. Here the toy
+policy serves as the judge (an untrained one: these tests check the mechanics, not its taste):
+S is that difference, batched scores equal one-by-one scores, each distinct answer is scored
+once, a checkpoint no backend can serve is one clear error, and grpo.py trains open-ended
+records with a judge."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import grpo
+import plumbing
+import rewards
+import toy
+from conftest import approx
+
+QUESTION = "Describe the image."
+
+
+@pytest.fixture(scope="module")
+def judge():
+    policy = plumbing.resolve_checkpoint(toy.resolve_model("toy"))
+    return rewards.load_scorer(policy, device="cpu", batch_size=16)
+
+
+def scene_image(seed):
+    import random
+    return toy.draw_scene(toy.random_scene(random.Random(seed), max_objects=3))
+
+
+def test_a_vlm_is_served_as_a_judge_whose_score_is_log_yes_minus_log_no(judge):
+    assert judge.backend == "judge"
+    image, answer = scene_image(1), "A red circle and a blue square."
+    inputs = rewards.judge_inputs(judge.tokenizer, [image], [QUESTION], [answer])
+    prompt = judge.tokenizer.batch_decode(inputs["input_ids"])[0]
+    assert "Is this answer to the question correct" in prompt and answer in prompt
+    with torch.no_grad():
+        logprobs = judge.model(**inputs).logits[0, -1].log_softmax(-1)  # (V,) the reply's first
+    yes, no = rewards.judge_token_ids(judge.tokenizer)
+    # the words' first tokens (the toy's tokenizer spells "Yes" as "Y" "es")
+    assert "Yes".startswith(judge.tokenizer.tokenizer.decode([yes])) and yes != no
+    assert "No".startswith(judge.tokenizer.tokenizer.decode([no]))
+    expected = (logprobs[yes] - logprobs[no]).item()
+    assert judge.score([image], [QUESTION], [answer]) == approx([expected])
+
+
+def test_judge_batched_equals_one_by_one(judge, tmp_path):
+    path = str(tmp_path / "scene.png")
+    scene_image(2).save(path)
+    images = [path, scene_image(3), None, scene_image(4), scene_image(5)]
+    answers = ["A red circle.", "A blue square and a green triangle.", "ünïcode ✓", "",
+               "A yellow circle, a red square and a green triangle." * 3]
+    questions = [QUESTION, QUESTION, "What is this?", QUESTION, QUESTION]
+    # left-padded rows of different lengths, one of them without an image
+    batched = judge.score(images, questions, answers)
+    one_by_one = [judge.score([i], [q], [a])[0] for i, q, a in zip(images, questions, answers)]
+    assert batched == approx(one_by_one)
+
+
+class CountingScorer:
+    """Records how many answers each score() call receives; scores by length."""
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, images, questions, answers):
+        self.calls.append(len(answers))
+        return [float(len(a)) for a in answers]
+
+
+def test_a_group_scores_its_reference_and_each_distinct_answer_once():
+    image = Image.new("RGB", (8, 8))
+    scorer = CountingScorer()
+    answers = ["A red circle.", "A red circle.", "A red circle and a blue square.", "A red circle."]
+    responses = [f"<think>x</think><answer>{a}</answer>" for a in answers]
+    context = dict(image=image, question=QUESTION, reference="A red circle.")
+    got = rewards.reward_batch(responses, ["A red circle."] * 4, ["open"] * 4, [context] * 4,
+                               scorer=scorer)
+    assert scorer.calls == [2]  # the reference equals the repeated answer: two distinct texts
+    assert got[0] == got[1] == got[3] == 0.0
+    assert got[2] == rewards.open_ended_reward(31.0, 13.0)
+
+
+def test_missing_or_non_vlm_checkpoint_is_one_clear_error(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    with pytest.raises(rewards.RewardModelError, match="no-such-model"):
+        rewards.load_scorer(str(tmp_path / "no-such-model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(rewards.RewardModelError, match="empty"):
+        rewards.load_scorer(str(tmp_path / "empty"))
+    text_only = str(tmp_path / "text-only-lm")
+    config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    Qwen2ForCausalLM(config).save_pretrained(text_only)
+    with pytest.raises(rewards.RewardModelError, match="text-only-lm.*neither a vision-language"):
+        rewards.load_scorer(text_only)
+
+
+def open_records(tmp_path, n=4):
+    """n open-ended toy records (the test split's) in a file of their own."""
+    path, image_root = toy.data_path("test")
+    with open(path) as f:
+        records = [r for r in map(json.loads, f) if r["verifier_type"] == "open"][:n]
+    data = tmp_path / "open.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(data), image_root
+
+
+def test_grpo_trains_open_ended_records_with_a_vlm_judge(tmp_path):
+    data, image_root = open_records(tmp_path)
+    out = str(tmp_path / "run")
+    flags = ["--data", data, "--image-root", image_root, "--eval-data", "", "--max-steps", "2",
+             "--rollout-batch-size", "2", "--num-generations", "4", "--train-batch-size", "8",
+             "--max-new-tokens", "24", "--lr", "1e-5", "--output-dir", out, "--quiet",
+             "--log-groups", "2"]
+    with pytest.raises(plumbing.UserError, match="pass --reward-model"):
+        grpo.main(flags)
+    with pytest.raises(plumbing.UserError, match="no-judge-here"):
+        grpo.main([*flags, "--reward-model", str(tmp_path / "no-judge-here")])
+    grpo.main([*flags, "--reward-model", toy.resolve_model("toy")])  # a run dir: its latest
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(rows) == 2 and all("reward/open" in row for row in rows)
+    groups = [json.loads(line) for line in open(os.path.join(out, "rollouts.jsonl"))]
+    scores = [c["reward"] for g in groups for c in g["completions"]]
+    assert scores and all(0.0 <= r <= 1.0 for r in scores)
