@@ -253,7 +253,8 @@ def processor_rules(args, accelerator, reserve=None, max_prompt=None):
     if reserve is None and max_prompt is None:
         return data.size_rule(processor), None
     if reserve is not None:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        config = AutoConfig.from_pretrained(base_model(path),
+                                            trust_remote_code=args.trust_remote_code)
         positions = getattr(config, "text_config", config).max_position_embeddings
         max_prompt = min(max_prompt or positions, positions - reserve)
     return data.size_rule(processor), data.prompt_rule(processor, max_prompt)
@@ -474,6 +475,16 @@ def load_model(name, dtype=None, min_pixels=None, max_pixels=None, trust_remote_
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     set_pixels(processor.image_processor, min_pixels, max_pixels)
     return load_weights(path, dtype, trust_remote_code), processor
+
+
+def base_model(path):
+    """The model whose config a checkpoint has: a LoRA checkpoint's base (the one its
+    adapter_config.json names; a base may be one too), else the checkpoint itself."""
+    adapters = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(adapters):
+        return path
+    with open(adapters) as f:
+        return base_model(resolve_checkpoint(json.load(f)["base_model_name_or_path"]))
 
 
 def load_weights(path, dtype=None, trust_remote_code=False):
