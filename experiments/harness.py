@@ -160,6 +160,18 @@ def accuracy_cells(out, names):
     return [spread([t[k] for t in toy_]) for k in RULE_KINDS + ("score",)]
 
 
+def results_table(out, header, lines, cfg, verdict, note=""):
+    """The results table in markdown, what its numbers are, and `verdict(out, seeds)` (the
+    protocol's criteria) when there are seeds to judge by."""
+    n_items = evaluation(out, "start")["benchmarks"]["toy"]["n"]
+    seeds = ", ".join(map(str, cfg["seeds"]))
+    table = markdown(header, lines)
+    table += (f"\n\nGreedy accuracy in % on {n_items} items of the toy test split (iou: mean IoU "
+              f"x 100), mean ± sample std over seeds {seeds}; GRPO {cfg['grpo_steps']} steps from "
+              f"the toy policy{note}.\n\n")
+    return table + (verdict(out, cfg["seeds"]) + "\n" if len(cfg["seeds"]) > 1 else "")
+
+
 def curves_figure(out, arms, seeds, panels, path, title):
     """Per panel (metric key, title), one line per arm (label, run name with {s}): the mean over
     seeds of each seed's moving average (5% of the run) and the min-max band over seeds."""
