@@ -665,6 +665,7 @@ def test_two_cpu_ranks_keep_identical_weights(tmp_path):
         assert len(mine) == 2 and r["frac_zero_std"] * 4 in (zero, zero + 1, zero + 2)
 
 
+@pytest.mark.slow  # out of CI for time (README "Tests"); --runslow runs it
 def test_toy_defaults_run_unchanged_on_two_ranks(tmp_path):
     """The documented launch with the toy's own presets (8 prompts x G=8, micro-batch = the rank's batch)."""
     out = str(tmp_path / "toy2")
@@ -724,9 +725,11 @@ def test_a_tracker_that_is_not_installed_is_one_clear_line(tmp_path):
 
 @pytest.mark.slow
 def test_toy_goal(tmp_path):
-    """The issue's toy goal: python grpo.py with no flags learns visibly (minutes)."""
+    """The toy goal: python grpo.py with no flags learns visibly (4 min here; README "Toy results":
+    +0.13 to +0.17 training reward and +0.13 to +0.22 held-out over seeds 0-2). Not in CI: at 200
+    steps the gain (+0.03 to +0.06) is within what a run with LR 0 shows (+0.01 to +0.04)."""
     out = str(tmp_path / "toy")
-    grpo.main(["--output-dir", out, "--quiet"])
+    grpo.main(["--output-dir", out, "--quiet", "--save-every", "0"])
     s = json.load(open(os.path.join(out, "summary.json")))
-    assert s["reward_last_10pct"] - s["reward_first_10pct"] >= 0.1
+    assert s["reward_mean_last_10pct"] - s["reward_mean_first_10pct"] >= 0.1
     assert s["eval_end"]["all"] - s["eval_start"]["all"] >= 0.1
