@@ -852,7 +852,8 @@ def load_scorer(name_or_path, trust_remote_code=False, device=None, dtype=None, 
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RewardModelError(f"reward model {name_or_path!r}: no model there ({reason})") from None
+        raise RewardModelError(
+            f"reward model {name_or_path!r}: no model there ({reason})") from None
     if _is_internlm_reward(name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
         model = AutoModel.from_pretrained(name_or_path, dtype=dtype or torch.float16,
