@@ -1,7 +1,8 @@
 """
 benchmarks.py - the paper's six benchmarks for eval.py (its Table 4): loaders for
-their real copies (Hugging Face datasets, the GitHub JSON files, VLMEvalKit TSVs) and the offline rules
-that score the answers, DynaMath's worst case and We-Math's strict and loose scores among them.
+their real copies (Hugging Face datasets, the GitHub JSON files, VLMEvalKit TSVs) and the
+offline rules that score the answers, DynaMath's worst case and We-Math's strict and loose
+scores among them.
 
 How scoring departs from VLMEvalKit, which asks gpt-4o-mini to extract the answers its rules
 cannot read (and, for MathVerse, to judge them): here rules do it offline, so every number is
@@ -41,7 +42,8 @@ LETTERS = "ABCDEFGH"
 # Scoring rules: pure functions (tests/test_eval.py)
 
 def answer_text(response):
-    """The authors' rule: the stripped content of the single <answer> block, else the whole response."""
+    """The authors' rule: the stripped content of the single <answer> block, else the whole
+    response."""
     answer = rewards.extract_answer(response)
     return answer if answer is not None else response.strip()
 
@@ -59,7 +61,8 @@ def can_infer(answer, choices):
 
 
 def parse_choices(text):
-    """Options written inline: "(A) yes (B) no" (DynaMath) or lines "A:40°" (MathVerse). {letter: text}."""
+    """Options written inline: "(A) yes (B) no" (DynaMath) or lines "A:40°" (MathVerse).
+    {letter: text}."""
     found = re.findall(r"\(([A-H])\)\s*([^()]*?)\s*(?=\([A-H]\)|$)", text or "")
     return dict(found or re.findall(r"^([A-H])\s*[:.]\s*(.+?)\s*$", text or "", re.M))
 
@@ -77,7 +80,8 @@ def last_number(text):
 def letter_set(text):
     """LogicVista: the option letters an answer picks ("A, C", "(A) and (C)", a judge's "AC")."""
     text = str(text).strip()
-    return set(text) if re.fullmatch(r"[A-G]{2,7}", text) else set(re.findall(r"(?<![A-Za-z])[A-G](?![A-Za-z])", text))
+    return (set(text) if re.fullmatch(r"[A-G]{2,7}", text)
+            else set(re.findall(r"(?<![A-Za-z])[A-G](?![A-Za-z])", text)))
 
 
 def match(item, pred, image_size=None):
@@ -113,10 +117,13 @@ def dynamath_scores(rows):
 
 
 def wemath_scores(rows):
-    """rows: (ID, key, score). We-Math's four-dimensional metric (four_dimensional_metrics.py, as in
-    VLMEvalKit): per problem group, S = all sub-problems right, A = any right, M = composite right.
-    IK = not S, not M; IG = S, not M; CM = S and M; RM = not S, M (loose: CM = A and M, RM = not A, M).
-    Score = (groups - 0.5 IG - RM - IK) / groups; a group missing a row counts in the denominator only."""
+    """rows: (ID, key, score). We-Math's four-dimensional metric (four_dimensional_metrics.py,
+    as in VLMEvalKit): per problem group, S = all sub-problems right, A = any right,
+    M = composite right.
+    IK = not S, not M; IG = S, not M; CM = S and M; RM = not S, M
+    (loose: CM = A and M, RM = not A, M).
+    Score = (groups - 0.5 IG - RM - IK) / groups; a group missing a row counts in the
+    denominator only."""
     groups = {}
     for gid, key, score in rows:
         groups.setdefault(gid, {})[key] = score == 1
@@ -134,7 +141,8 @@ def wemath_scores(rows):
         n["CM_loose"] += A and M
         n["RM_loose"] += not A and M
     total = len(groups)
-    return dict(n, groups=total, score_strict=100 * (total - 0.5 * n["IG"] - n["RM_strict"] - n["IK"]) / total,
+    return dict(n, groups=total,
+                score_strict=100 * (total - 0.5 * n["IG"] - n["RM_strict"] - n["IK"]) / total,
                 score_loose=100 * (total - 0.5 * n["IG"] - n["RM_loose"] - n["IK"]) / total)
 
 # ----------------------------------------------------------------------------------------
@@ -172,26 +180,33 @@ def mathvista_item(r):
     choices = dict(zip(LETTERS, map(str, as_list(r.get("choices")))))
     # HF rows and the TSV carry the full prompt (hint, question, choices); the GitHub file does not.
     prompt = r.get("query") or r["question"] + "".join(f"\n({c}) {t}" for c, t in choices.items())
-    item = dict(id=str(first(r, "pid", "index", "_key")), image=image_of(r, "decoded_image", "image"),
+    item = dict(id=str(first(r, "pid", "index", "_key")),
+                image=image_of(r, "decoded_image", "image"),
                 prompt=prompt + VQA_SUFFIX, answer=str(r["answer"]).strip())
-    if r["question_type"] == "multi_choice":  # the answer is the option text; the TSV also has the letter
-        letter = r.get("answer_option") or next((c for c, t in choices.items() if t == item["answer"]), None)
+    # the answer is the option text; the TSV also has the letter
+    if r["question_type"] == "multi_choice":
+        letter = (r.get("answer_option")
+                  or next((c for c, t in choices.items() if t == item["answer"]), None))
         return dict(item, type="choice", choices=choices, answer=letter)
     if r["answer_type"] in ("integer", "float"):
         precision = r.get("precision") if r["answer_type"] == "float" else None
-        return dict(item, type="number", precision=precision if precision == precision else None)  # NaN: none
+        # NaN: none
+        return dict(item, type="number", precision=precision if precision == precision else None)
     return dict(item, type="expr")  # the 2 "list" answers (VLMEvalKit can never score them)
 
 
 def mathvision_item(r):
     options = as_list(first(r, "options", "choices"))
-    item = dict(id=str(first(r, "id", "index", "_key")), image=image_of(r, "decoded_image", "image"),
+    item = dict(id=str(first(r, "id", "index", "_key")),
+                image=image_of(r, "decoded_image", "image"),
                 prompt=r["question"] + VQA_SUFFIX, answer=str(r["answer"]).strip(), type="expr")
     if not options:
         return item
     choices = dict(zip(LETTERS, map(str, options)))
-    if options != list(LETTERS[:len(options)]):  # 384 items' options are just "A".."E", drawn in the image
-        item["prompt"] = r["question"] + "\nChoices: " + " ".join(f"({c}) {t}" for c, t in choices.items()) + VQA_SUFFIX
+    # 384 items' options are just "A".."E", drawn in the image
+    if options != list(LETTERS[:len(options)]):
+        item["prompt"] = (r["question"] + "\nChoices: "
+                          + " ".join(f"({c}) {t}" for c, t in choices.items()) + VQA_SUFFIX)
     return dict(item, type="choice", choices=choices)
 
 
@@ -199,36 +214,47 @@ def mathverse_item(r):
     if r.get("problem_version", "Vision Only") != "Vision Only":
         return None  # the HF testmini config holds all five versions; the paper reports Vision Only
     item = dict(id=str(first(r, "sample_index", "index", "_key")), image=image_of(r, "image"),
-                prompt=first(r, "query_wo", "question") + VQA_SUFFIX, answer=str(r["answer"]).strip(), type="expr")
+                prompt=first(r, "query_wo", "question") + VQA_SUFFIX,
+                answer=str(r["answer"]).strip(), type="expr")
     # the TSV has no question_type column: a one-letter answer means multiple choice
-    mcq = r["question_type"] == "multi-choice" if "question_type" in r else item["answer"] in set(LETTERS)
+    mcq = (r["question_type"] == "multi-choice" if "question_type" in r
+           else item["answer"] in set(LETTERS))
     if not mcq:
         return item
-    choices = parse_choices(r.get("question_for_eval"))  # the options are in the image; their text only here
+    # the options are in the image; their text only here
+    choices = parse_choices(r.get("question_for_eval"))
     return dict(item, type="choice", choices=choices or dict.fromkeys("ABCDE", ""))
 
 
 def dynamath_item(r):
-    # the variant: a TSV column, else the HF split "sample_variant<k>" or the GitHub folder "trial<k>"
-    varid = int(first(r, "varid") or re.search(r"(\d+)$", r.get("_split") or os.path.basename(r["_dir"])).group(1))
-    seed = str(first(r, "qid", "_key"))  # GitHub: the key; HF: the row (the same seed in every split)
+    # the variant: a TSV column, else the HF split "sample_variant<k>" or the GitHub folder
+    # "trial<k>"
+    varid = int(first(r, "varid")
+                or re.search(r"(\d+)$", r.get("_split") or os.path.basename(r["_dir"])).group(1))
+    # GitHub: the key; HF: the row (the same seed in every split)
+    seed = str(first(r, "qid", "_key"))
     item = dict(id=f"{seed}-{varid}", group=seed, image=image_of(r, "decoded_image", "image"),
-                prompt=r["question"] + VQA_SUFFIX, answer=str(first(r, "ground_truth", "answer")).strip())
+                prompt=r["question"] + VQA_SUFFIX,
+                answer=str(first(r, "ground_truth", "answer")).strip())
     if r["answer_type"] == "float":
         return dict(item, type="number", tol=0.001)
     if r["answer_type"] == "multiple choice":
-        return dict(item, type="choice", choices=parse_choices(r["question"]) or dict.fromkeys("ABCDE", ""))
+        return dict(item, type="choice",
+                    choices=parse_choices(r["question"]) or dict.fromkeys("ABCDE", ""))
     return dict(item, type="text")
 
 
 def wemath_item(r):
-    choices = {c: str(r[c]) for c in LETTERS if r.get(c) not in (None, "")} or \
-        dict(re.findall(r"([A-H])\.\s*(.*?)\s*(?=;\s*[A-H]\.|$)", r["option"]))  # "A. 300, 400;B. 400, 300;..."
-    options = "\n".join(f"{c}. {t}" for c, t in choices.items())  # VLMEvalKit's MCQ prompt for Qwen2-VL
-    prompt = f"Question: {r['question']}\nOptions:\n{options}\nPlease select the correct answer from the options above."
-    return dict(id=str(first(r, "question number", "index")), group=str(first(r, "ID", "id")), key=r["key"],
-                image=image_of(r, "image", "image_path"), prompt=prompt, answer=str(r["answer"]).strip(),
-                type="choice", choices=choices)
+    # r["option"]: "A. 300, 400;B. 400, 300;..."
+    choices = ({c: str(r[c]) for c in LETTERS if r.get(c) not in (None, "")}
+               or dict(re.findall(r"([A-H])\.\s*(.*?)\s*(?=;\s*[A-H]\.|$)", r["option"])))
+    # VLMEvalKit's MCQ prompt for Qwen2-VL
+    options = "\n".join(f"{c}. {t}" for c, t in choices.items())
+    prompt = (f"Question: {r['question']}\nOptions:\n{options}\n"
+              "Please select the correct answer from the options above.")
+    return dict(id=str(first(r, "question number", "index")), group=str(first(r, "ID", "id")),
+                key=r["key"], image=image_of(r, "image", "image_path"), prompt=prompt,
+                answer=str(r["answer"]).strip(), type="choice", choices=choices)
 
 
 def logicvista_item(r):
@@ -246,22 +272,25 @@ BENCHMARKS = {
     "mathverse": dict(title="MathVerse", item=mathverse_item, file="testmini.json",
                       hub=("AI4Math/MathVerse", "testmini", ["testmini"])),
     "dynamath": dict(title="DynaMath", item=dynamath_item, file="trial*/dataset.json",
-                     hub=("DynaMath/DynaMath_Sample", None, [f"sample_variant{k}" for k in range(1, 11)])),
+                     hub=("DynaMath/DynaMath_Sample", None,
+                          [f"sample_variant{k}" for k in range(1, 11)])),
     "wemath": dict(title="WeMath", item=wemath_item, file="testmini.json",
                    hub=("We-Math/We-Math", None, ["testmini"])),
-    "logicvista": dict(title="LogicVista", item=logicvista_item, file="dataset.json",  # hub split: not verified
-                       hub=("lscpku/LogicVista", None, ["test"])),
+    "logicvista": dict(title="LogicVista", item=logicvista_item, file="dataset.json",
+                       hub=("lscpku/LogicVista", None, ["test"])),  # hub split: not verified
 }
 
 
 def read_local(path):
-    """Records of a JSON list, a JSON dict keyed by id, JSON Lines, or a VLMEvalKit TSV (base64 images)."""
+    """Records of a JSON list, a JSON dict keyed by id, JSON Lines, or a VLMEvalKit TSV (base64
+    images)."""
     if path.endswith(".tsv"):
         csv.field_size_limit(sys.maxsize)
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
         images = {r["index"]: r.get("image") for r in rows}
-        for r in rows:  # VLMEvalKit: an image of <= 64 characters is the index of the row holding it
+        # VLMEvalKit: an image of <= 64 characters is the index of the row holding it
+        for r in rows:
             image = images.get(r.get("image")) if len(r.get("image") or "") <= 64 else r["image"]
             r["image"] = base64.b64decode(image) if image else None
     else:
@@ -276,7 +305,8 @@ def read_local(path):
 
 
 def read_benchmark(name, root):
-    """A local copy under `root` if there is one, else the Hugging Face dataset (network or its cache)."""
+    """A local copy under `root` if there is one, else the Hugging Face dataset (network or its
+    cache)."""
     spec = BENCHMARKS[name]
     if root:
         for path in [os.path.join(root, name + ext) for ext in (".tsv", ".json", ".jsonl")]:
@@ -291,21 +321,25 @@ def read_benchmark(name, root):
         rows = []
         for split in splits:
             ds = datasets.load_dataset(repo, config, split=split)
-            for column, feature in ds.features.items():  # keep images encoded until a batch needs them
+            # keep images encoded until a batch needs them
+            for column, feature in ds.features.items():
                 if isinstance(feature, datasets.Image):
                     ds = ds.cast_column(column, datasets.Image(decode=False))
             rows += [dict(r, _key=str(i + 1), _split=split) for i, r in enumerate(ds)]
         return rows
     except Exception as e:
-        where = f"under {root} ({name}.tsv/.json/.jsonl or {name}/{spec['file']})" if root else "(no --bench-root)"
-        raise SystemExit(f"{name}: no local copy {where} and the hub dataset {repo} did not load: {e}") from e
+        where = (f"under {root} ({name}.tsv/.json/.jsonl or {name}/{spec['file']})" if root
+                 else "(no --bench-root)")
+        raise SystemExit(f"{name}: no local copy {where} and the hub dataset {repo} did not load: "
+                         f"{e}") from e
 
 # ----------------------------------------------------------------------------------------
 # The optional LLM judge (--judge-url): it extracts the answers the rules scored wrong
 
-JUDGE_PROMPT = ("Extract the final answer from the model's response to the question below. Reply with the answer "
-                "only: the option letter(s) for a multiple-choice question, else the final value or expression. "
-                "If the response gives no answer, reply Z.\n\nQuestion: {question}\n\nModel response: {response}\n\n"
+JUDGE_PROMPT = ("Extract the final answer from the model's response to the question below. "
+                "Reply with the answer only: the option letter(s) for a multiple-choice question, "
+                "else the final value or expression. If the response gives no answer, reply Z.\n\n"
+                "Question: {question}\n\nModel response: {response}\n\n"
                 "Extracted answer:")
 
 
@@ -313,14 +347,18 @@ def make_judge(url, model, key_env):
     """judge(item, answer) -> the answer an LLM extracts, through an OpenAI-compatible chat API (the
     `openai` client retries 429s, 5xx and timeouts with backoff); None when it keeps failing."""
     import openai
-    client = openai.OpenAI(base_url=url, api_key=os.environ.get(key_env) or "none", max_retries=3, timeout=60)
+    client = openai.OpenAI(base_url=url, api_key=os.environ.get(key_env) or "none", max_retries=3,
+                           timeout=60)
 
     def judge(item, answer):
         try:
-            reply = client.chat.completions.create(model=model, temperature=0, max_tokens=128, messages=[
-                {"role": "user", "content": JUDGE_PROMPT.format(question=item["prompt"], response=answer)}])
+            reply = client.chat.completions.create(
+                model=model, temperature=0, max_tokens=128, messages=[
+                    {"role": "user",
+                     "content": JUDGE_PROMPT.format(question=item["prompt"], response=answer)}])
             return (reply.choices[0].message.content or "").strip() or None
-        except (openai.OpenAIError, ValueError, IndexError, AttributeError) as e:  # keep the rules' verdict
+        # keep the rules' verdict
+        except (openai.OpenAIError, ValueError, IndexError, AttributeError) as e:
             print(f"judge failed on item {item['id']}: {e}")
             return None
     return judge

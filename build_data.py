@@ -43,53 +43,73 @@ import rewards
 # math problem, an existing caption) goes to the reasoning model beside the caption.
 
 # Our wording of the paper's four prompts (theirs is not reproduced here).
-CAPTION_PROMPT = """Describe this image in detail for someone who cannot see it and must answer questions
-about it from your description alone.
-- Begin with the setting: what kind of image it is (photo, diagram, chart, document, screenshot, ...) and
-  what it shows overall.
-- Then the objects, people and marks in it: for each its colour, shape, size and position (left or right,
-  top or bottom, in front or behind, next to what).
-- Copy all text exactly as written. Write equations and formulas in LaTeX; do not solve or simplify them.
-- Write tables as Markdown tables.
-Reply with the description only: no preamble, no opinions, no answers to questions."""
+CAPTION_PROMPT = (
+    "Describe this image in detail for someone who cannot see it and must answer questions\n"
+    "about it from your description alone.\n"
+    "- Begin with the setting: what kind of image it is "
+    "(photo, diagram, chart, document, screenshot, ...) and\n"
+    "  what it shows overall.\n"
+    "- Then the objects, people and marks in it: "
+    "for each its colour, shape, size and position (left or right,\n"
+    "  top or bottom, in front or behind, next to what).\n"
+    "- Copy all text exactly as written. "
+    "Write equations and formulas in LaTeX; do not solve or simplify them.\n"
+    "- Write tables as Markdown tables.\n"
+    "Reply with the description only: no preamble, no opinions, no answers to questions."
+)
 
-REASON_PROMPT = """You are looking at an image and are asked a question about it. Below is everything you
-can see in the image, then the question. Reason and answer as if you were seeing the image yourself: refer
-to "the image", and never mention a caption, a description or any text about the image. End your answer
-with the final result stated plainly (for a multiple-choice question, the option's letter).
+REASON_PROMPT = (
+    "You are looking at an image and are asked a question about it. Below is everything you\n"
+    "can see in the image, then the question. "
+    "Reason and answer as if you were seeing the image yourself: refer\n"
+    'to "the image", '
+    "and never mention a caption, a description or any text about the image. End your answer\n"
+    "with the final result stated plainly (for a multiple-choice question, the option's letter).\n"
+    "\n"
+    "What you see:\n"
+    "{caption}\n"
+    "{extras}\n"
+    "Question:\n"
+    "{question}"
+)
 
-What you see:
-{caption}
-{extras}
-Question:
-{question}"""
+REWRITE_PROMPT = (
+    "The text below is a reasoning and an answer about an image, written by someone who was\n"
+    "given a description of the image instead of the image itself. "
+    "Edit it as little as possible so that it\n"
+    "reads as if they had seen the image: "
+    "replace each reference to a caption, a description, a rationale or\n"
+    "other given text about the image "
+    '(for example "the caption says", "according to the description") with a\n'
+    'reference to the image ("the image shows", "in the image"). '
+    "Change nothing else: keep every other word,\n"
+    "the line breaks, and the four tags around the reasoning and the answer exactly as they are.\n"
+    "Reply with the edited text only.\n"
+    "\n"
+    "{text}"
+)
 
-REWRITE_PROMPT = """The text below is a reasoning and an answer about an image, written by someone who was
-given a description of the image instead of the image itself. Edit it as little as possible so that it
-reads as if they had seen the image: replace each reference to a caption, a description, a rationale or
-other given text about the image (for example "the caption says", "according to the description") with a
-reference to the image ("the image shows", "in the image"). Change nothing else: keep every other word,
-the line breaks, and the four tags around the reasoning and the answer exactly as they are.
-Reply with the edited text only.
+VERIFY_PROMPT = (
+    "Compare an answer to a question with the ground truth.\n"
+    "\n"
+    "Question:\n"
+    "{question}\n"
+    "\n"
+    "Ground truth:\n"
+    "{gt}\n"
+    "\n"
+    "Answer:\n"
+    "{answer}\n"
+    "\n"
+    "Does the answer reach the same final result as the ground truth? "
+    "Reply with one word only: Yes or No."
+)
 
-{text}"""
-
-VERIFY_PROMPT = """Compare an answer to a question with the ground truth.
-
-Question:
-{question}
-
-Ground truth:
-{gt}
-
-Answer:
-{answer}
-
-Does the answer reach the same final result as the ground truth? Reply with one word only: Yes or No."""
-
-MAX_WORDS_CHANGED = 15  # the paper's rewrite filter: a rewrite that changes more words is dropped (how
-                        # words are counted is not in the paper: see words_changed)
-STAGES = ("input", "caption", "reason", "rewrite", "verify", "sft", "rl")  # stats.json, in pipeline order
+# the paper's rewrite filter: a rewrite that changes more words is dropped (how words are
+# counted is not in the paper: see words_changed)
+MAX_WORDS_CHANGED = 15
+# stats.json, in pipeline order
+STAGES = ("input", "caption", "reason", "rewrite", "verify", "sft", "rl")
 
 
 def words_changed(before, after):
@@ -97,7 +117,8 @@ def words_changed(before, after):
     inserted or a deleted word counts 1 and n words replaced by m count max(n, m); so
     "the caption shows" -> "the image shows" is 1 word changed, and spacing changes nothing.
 
-    >>> words_changed("the caption shows two cats", "the image shows two cats"), words_changed("a b", "a b c d")
+    >>> (words_changed("the caption shows two cats", "the image shows two cats"),
+    ...  words_changed("a b", "a b c d"))
     (1, 2)
     """
     a, b = before.split(), after.split()
@@ -257,7 +278,8 @@ def inline_image(part):
         return part
     mime = mimetypes.guess_type(part["path"])[0] or "image/png"
     with open(part["path"], "rb") as f:
-        return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(f.read()).decode()}"}}
+        return {"type": "image_url",
+                "image_url": {"url": f"data:{mime};base64,{base64.b64encode(f.read()).decode()}"}}
 
 
 def chat(client, model, messages):
@@ -265,7 +287,8 @@ def chat(client, model, messages):
     cached, so that a rerun asks again. The client itself retries 429s, 5xx and timeouts with
     backoff (--max-retries, --timeout)."""
     import openai
-    messages = [{**m, "content": [inline_image(p) for p in m["content"]]} if isinstance(m["content"], list) else m
+    messages = [{**m, "content": [inline_image(p) for p in m["content"]]}
+                if isinstance(m["content"], list) else m
                 for m in messages]
     try:
         resp = client.chat.completions.create(model=model, messages=messages)
@@ -280,8 +303,10 @@ def chat(client, model, messages):
     if message is None or not isinstance(message.content or "", str):
         return {"error": "malformed reply"}
     tokens = [getattr(resp.usage, f"{kind}_tokens", 0) for kind in ("prompt", "completion")]
-    return {"content": message.content or "", "finish_reason": choice.finish_reason, "refusal": message.refusal,
-            "reasoning": getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None) or "",
+    return {"content": message.content or "", "finish_reason": choice.finish_reason,
+            "refusal": message.refusal,
+            "reasoning": (getattr(message, "reasoning_content", None)
+                          or getattr(message, "reasoning", None) or ""),
             "tokens": [n if isinstance(n, int) else 0 for n in tokens]}
 
 
@@ -306,14 +331,16 @@ def open_cache(path):
 
 
 def run_step(client, step, model, records, make_messages, out_dir, concurrency):
-    """Asks `model` once per record, `concurrency` calls at a time; returns ({id: reply}, calls made).
+    """Asks `model` once per record, `concurrency` calls at a time; returns
+    ({id: reply}, calls made).
 
     Each reply is appended to out_dir/cache/<step>.jsonl (flushed) as it arrives. A cached reply
     is reused when its record id and request (model and messages) match, so a rerun after a
     crash or a kill asks only what was in flight, and changing a model or a prompt asks again.
     Replies a model gave are cached even when empty or refused; failed calls are not."""
     path = os.path.join(out_dir, "cache", f"{step}.jsonl")
-    keys = {r["id"]: hashlib.sha256(json.dumps([model, make_messages(r)]).encode()).hexdigest()[:16] for r in records}
+    keys = {r["id"]: hashlib.sha256(json.dumps([model, make_messages(r)]).encode()).hexdigest()[:16]
+            for r in records}
     replies = {row["id"]: row for row in (read_cache([path]) if os.path.exists(path) else [])
                if row.get("id") in keys and keys[row["id"]] == row.get("key")}
     todo = [r for r in records if r["id"] not in replies]
@@ -321,7 +348,8 @@ def run_step(client, step, model, records, make_messages, out_dir, concurrency):
     try:
         with open_cache(path) as cache:
             futures = {pool.submit(chat, client, model, make_messages(r)): r["id"] for r in todo}
-            for future in tqdm(as_completed(futures), desc=step, total=len(records), initial=len(records) - len(todo)):
+            for future in tqdm(as_completed(futures), desc=step, total=len(records),
+                               initial=len(records) - len(todo)):
                 rid, reply = futures[future], future.result()
                 replies[rid] = reply
                 if "error" not in reply:
@@ -330,7 +358,8 @@ def run_step(client, step, model, records, make_messages, out_dir, concurrency):
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C, do not wait for queued calls
     if records and all("error" in reply for reply in replies.values()):
-        raise SystemExit(f"{step}: every call to {model!r} failed, e.g. {replies[records[0]['id']]['error']}")
+        raise SystemExit(f"{step}: every call to {model!r} failed, e.g. "
+                         f"{replies[records[0]['id']]['error']}")
     return replies, len(todo)
 
 
@@ -375,8 +404,9 @@ def caption_step(ask, stats, records):
     """Step 1: a vision model writes a detailed, structured caption of each image (a fence
     around it, or a preface line before it, is taken off: see unwrap)."""
     def messages(r):
-        return [{"role": "user", "content": [*({"type": "image_path", "path": p} for p in r["image_paths"]),
-                                             {"type": "text", "text": CAPTION_PROMPT}]}]
+        return [{"role": "user",
+                 "content": [*({"type": "image_path", "path": p} for p in r["image_paths"]),
+                             {"type": "text", "text": CAPTION_PROMPT}]}]
     replies = ask("caption", records, messages)
     def accept(r, _, caption):
         return {**r, "caption": caption}, ()
@@ -429,8 +459,8 @@ def verify_step(ask, stats, records):
     read as verdict() reads it."""
     def messages(r):
         gt = r["gt"] if isinstance(r["gt"], str) else json.dumps(r["gt"])
-        return [{"role": "user", "content": VERIFY_PROMPT.format(question=r["question"], gt=gt,
-                                                                 answer=rewards.extract_answer(r["answer"]))}]
+        return [{"role": "user", "content": VERIFY_PROMPT.format(
+            question=r["question"], gt=gt, answer=rewards.extract_answer(r["answer"]))}]
 
     def accept(r, _, text):
         said = verdict(text)
@@ -447,8 +477,9 @@ def split_step(stats, records):
     for r in records:
         pool = "rl" if data.has_aha(r["answer"]) else "sft"
         tally(stats["kept"][pool], r)
-        pools[pool].append({"id": r["id"], "image": r["image"], "question": r["question"], "gt": r["gt"],
-                            "verifier_type": r["kind"], "answer": r["answer"], "caption": r["caption"]})
+        pools[pool].append({"id": r["id"], "image": r["image"], "question": r["question"],
+                            "gt": r["gt"], "verifier_type": r["kind"], "answer": r["answer"],
+                            "caption": r["caption"]})
     return pools["sft"], pools["rl"]
 
 
@@ -488,10 +519,12 @@ def stats_table(stats):
     then every drop reason, then the kept records whose reply needed each repair, then tokens per
     step."""
     kept = stats["kept"]
-    seen = {s for c in kept.values() for s in c} | {s for d in stats["dropped"].values() for c in d.values() for s in c}
+    seen = ({s for c in kept.values() for s in c}
+            | {s for d in stats["dropped"].values() for c in d.values() for s in c})
     sources = sorted(seen - {"all"})
     lines = ["| source | " + " | ".join(STAGES) + " |", "|---" * (len(STAGES) + 1) + "|"]
-    lines += [f"| {s} | " + " | ".join(str(kept.get(stage, {}).get(s, 0)) for stage in STAGES) + " |"
+    lines += [f"| {s} | "
+              + " | ".join(str(kept.get(stage, {}).get(s, 0)) for stage in STAGES) + " |"
               for s in sources + ["all"]]
     lines += ["", "| step | dropped because | records |", "|---|---|---|"]
     lines += [f"| {step} | {why} | {c['all']} |"
@@ -500,7 +533,8 @@ def stats_table(stats):
     lines += [f"| {step} | {form} | {c['all']} |"
               for step in STAGES for form, c in sorted(stats["repaired"].get(step, {}).items())]
     lines += ["", "| step | prompt tokens | completion tokens |", "|---|---|---|"]
-    lines += [f"| {step} | {t['prompt']} | {t['completion']} |" for step, t in stats["tokens"].items()]
+    lines += [f"| {step} | {t['prompt']} | {t['completion']} |"
+              for step, t in stats["tokens"].items()]
     return "\n".join(lines)
 
 
@@ -519,13 +553,16 @@ def build(args):
     clients = {}  # one per server
 
     def ask(step, step_records, make_messages):
-        model, url = getattr(args, f"{step}_model"), getattr(args, f"{step}_base_url") or args.base_url
-        if url not in clients:  # a local server needs no key, but the client insists on one: any string does
-            clients[url] = openai.OpenAI(base_url=url, api_key=os.environ.get(args.api_key_env) or "none",
+        model, url = (getattr(args, f"{step}_model"),
+                      getattr(args, f"{step}_base_url") or args.base_url)
+        # a local server needs no key, but the client insists on one: any string does
+        if url not in clients:
+            clients[url] = openai.OpenAI(base_url=url,
+                                         api_key=os.environ.get(args.api_key_env) or "none",
                                          max_retries=args.max_retries, timeout=args.timeout)
         try:
-            replies, calls = run_step(clients[url], step, model, step_records, make_messages, args.out,
-                                      args.concurrency)
+            replies, calls = run_step(clients[url], step, model, step_records, make_messages,
+                                      args.out, args.concurrency)
         except openai.APIStatusError as e:
             raise SystemExit(f"{step}: {model!r} at {url}: {e}") from None
         stats["run"]["calls"] += calls
@@ -538,11 +575,13 @@ def build(args):
         with open(os.path.join(args.out, name), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     seconds = time.time() - start
-    stats["run"].update(seconds=round(seconds, 3), records_per_s=round(stats["kept"]["input"]["all"] / seconds, 2))
+    stats["run"].update(seconds=round(seconds, 3),
+                        records_per_s=round(stats["kept"]["input"]["all"] / seconds, 2))
     with open(os.path.join(args.out, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1, sort_keys=True)
     print(stats_table(stats))
-    print(f"{len(sft)} SFT + {len(rl)} RL records in {args.out} ({stats['run']['calls']} calls, {seconds:.1f} s)")
+    print(f"{len(sft)} SFT + {len(rl)} RL records in {args.out} "
+          f"({stats['run']['calls']} calls, {seconds:.1f} s)")
     return stats
 
 
@@ -551,7 +590,8 @@ def build(args):
 def load_scoring_model(name, max_pixels, trust_remote_code, device):
     """A model to score perplexities with, in bf16 on a GPU, for inference."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, processor = plumbing.load_model(name, dtype=dtype, max_pixels=max_pixels, trust_remote_code=trust_remote_code)
+    model, processor = plumbing.load_model(name, dtype=dtype, max_pixels=max_pixels,
+                                           trust_remote_code=trust_remote_code)
     return model.to(device).eval(), processor
 
 
@@ -561,22 +601,26 @@ def answer_perplexity(model, processor, records, max_length=None):
     exp of the mean negative log-likelihood of the answer tokens (data.encode_sft's labels, without
     the closing <|im_end|>). Returns a list of B floats."""
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in data.encode_sft(processor, records, max_length=max_length).items()}
-    labels = batch.pop("labels")                                                   # (B, L)
+    batch = {k: v.to(device)
+             for k, v in data.encode_sft(processor, records, max_length=max_length).items()}
+    labels = batch.pop("labels")                                              # (B, L)
     labels[labels == data.end_of_turn_ids(processor.tokenizer)[0]] = -100
     # Logits only from the earliest answer token on: a 150K vocabulary over the whole prompt,
     # image tokens included, would cost far more memory than the answers need.
-    keep_last = min(labels.shape[1], labels.shape[1] - int((labels != -100).float().argmax(1).min()) + 1)
-    logits = model(**batch, logits_to_keep=keep_last).logits[:, :-1].float()      # (B, keep_last-1, V)
-    targets = labels[:, labels.shape[1] - keep_last + 1:]                          # (B, keep_last-1)
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    keep_last = min(labels.shape[1],
+                    labels.shape[1] - int((labels != -100).float().argmax(1).min()) + 1)
+    logits = model(**batch, logits_to_keep=keep_last).logits[:, :-1].float()  # (B, keep_last-1, V)
+    targets = labels[:, labels.shape[1] - keep_last + 1:]                     # (B, keep_last-1)
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
+                                            reduction="none")
     mask = targets != -100
     return torch.exp((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
 
 
 def ppl_cache(cache_dir, slug, keys):
     """{id: perplexity} of one model from every rank's cache file, where the record is unchanged."""
-    names = sorted(f for f in os.listdir(cache_dir) if f.startswith(slug + ".rank")) if os.path.isdir(cache_dir) else []
+    names = (sorted(f for f in os.listdir(cache_dir) if f.startswith(slug + ".rank"))
+             if os.path.isdir(cache_dir) else [])
     return {row["id"]: row["ppl"] for row in read_cache(os.path.join(cache_dir, f) for f in names)
             if keys.get(row.get("id")) == row.get("key")}
 
@@ -588,70 +632,96 @@ def ppl_filter(args):
     batch by batch, so a rerun (on any number of ranks) scores only what is missing or changed."""
     from accelerate import Accelerator
     accelerator = Accelerator()
-    records = data.load_records(args.data, args.image_root, need_answer=True, skip_bad=args.skip_bad)
+    records = data.load_records(args.data, args.image_root, need_answer=True,
+                                skip_bad=args.skip_bad)
     if len({r["id"] for r in records}) != len(records):
         raise SystemExit(f"{args.data}: record ids are not unique; ppl-filter keys its cache by id")
-    keys = {r["id"]: hashlib.sha256(json.dumps([r["image"], r["question"], r["answer"], args.max_length,
-                                                args.max_pixels]).encode()).hexdigest()[:16] for r in records}
+    keys = {r["id"]: hashlib.sha256(json.dumps([r["image"], r["question"], r["answer"],
+                                                args.max_length, args.max_pixels]).encode())
+                     .hexdigest()[:16]
+            for r in records}
     cache_dir = args.out + ".cache"
     scores = []  # per model: {id: perplexity}
     for name in args.models:
         slug = re.sub(r"[^\w.-]+", "_", name).strip("_")[-100:]
         done = ppl_cache(cache_dir, slug, keys)
-        mine = [r for r in records[accelerator.process_index::accelerator.num_processes] if r["id"] not in done]
+        mine = [r for r in records[accelerator.process_index::accelerator.num_processes]
+                if r["id"] not in done]
         if mine:
-            model, processor = load_scoring_model(name, args.max_pixels, args.trust_remote_code, accelerator.device)
-            with open_cache(os.path.join(cache_dir, f"{slug}.rank{accelerator.process_index}.jsonl")) as cache:
-                for i in tqdm(range(0, len(mine), args.batch_size), desc=name, disable=not accelerator.is_main_process):
+            model, processor = load_scoring_model(name, args.max_pixels, args.trust_remote_code,
+                                                  accelerator.device)
+            with open_cache(os.path.join(cache_dir,
+                                         f"{slug}.rank{accelerator.process_index}.jsonl")) as cache:
+                for i in tqdm(range(0, len(mine), args.batch_size), desc=name,
+                              disable=not accelerator.is_main_process):
                     batch = mine[i:i + args.batch_size]
-                    for r, ppl in zip(batch, answer_perplexity(model, processor, batch, args.max_length)):
-                        cache.write(json.dumps({"id": r["id"], "key": keys[r["id"]], "ppl": ppl}) + "\n")
+                    for r, ppl in zip(batch,
+                                      answer_perplexity(model, processor, batch, args.max_length)):
+                        cache.write(json.dumps({"id": r["id"], "key": keys[r["id"]], "ppl": ppl})
+                                    + "\n")
                     cache.flush()
             del model
         accelerator.wait_for_everyone()
         scores.append(ppl_cache(cache_dir, slug, keys))
     if accelerator.is_main_process:
         mean = {r["id"]: sum(s[r["id"]] for s in scores) / len(scores) for r in records}
-        top = sorted(records, key=lambda r: -mean[r["id"]])[:args.top]  # a stable sort: ties keep file order
+        # a stable sort: ties keep file order
+        top = sorted(records, key=lambda r: -mean[r["id"]])[:args.top]
         with open(args.out, "w", encoding="utf-8") as f:
             for r in top:
                 row = {k: v for k, v in r.items() if k not in ("kind", "image_paths")}
                 f.write(json.dumps({**row, "perplexity": mean[r["id"]]}, ensure_ascii=False) + "\n")
         low, high = mean[top[-1]["id"]], mean[top[0]["id"]]
-        print(f"{len(top)} of {len(records)} records, perplexity {low:.3g} to {high:.3g}, in {args.out}")
+        print(f"{len(top)} of {len(records)} records, perplexity {low:.3g} to {high:.3g}, "
+              f"in {args.out}")
     accelerator.wait_for_everyone()
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Build VLAA-Thinking-style data; pick perplexity subsets.")
+    p = argparse.ArgumentParser(
+        description="Build VLAA-Thinking-style data; pick perplexity subsets.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="caption, distil, rewrite, verify and split your own records")
-    b.add_argument("--input", required=True, help="JSON/JSONL records: id, image, question, gt (+ verifier_type, extras)")
-    b.add_argument("--image-root", default=None, help="directory the records' `image` paths are relative to")
-    b.add_argument("--out", required=True, help="output directory: sft.jsonl, grpo.jsonl, stats.json, cache/")
-    b.add_argument("--base-url", default="http://localhost:8000/v1", help="OpenAI-compatible API (vLLM, SGLang, hosted)")
-    b.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API key (unset: none)")
+    b.add_argument("--input", required=True,
+                   help="JSON/JSONL records: id, image, question, gt (+ verifier_type, extras)")
+    b.add_argument("--image-root", default=None,
+                   help="directory the records' `image` paths are relative to")
+    b.add_argument("--out", required=True,
+                   help="output directory: sft.jsonl, grpo.jsonl, stats.json, cache/")
+    b.add_argument("--base-url", default="http://localhost:8000/v1",
+                   help="OpenAI-compatible API (vLLM, SGLang, hosted)")
+    b.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable with the API key (unset: none)")
     for step, what in (("caption", "vision model that captions images (paper: GPT-4o)"),
                        ("reason", "text reasoning model (paper: DeepSeek-R1)"),
                        ("rewrite", "model for the minimal rewrite (paper: GPT-3.5-turbo)"),
                        ("verify", "judge of answers against gt (paper: GPT-3.5-turbo)")):
         b.add_argument(f"--{step}-model", required=True, help=what)
-        b.add_argument(f"--{step}-base-url", default=None, help=f"the {step} step's server, if not --base-url")
+        b.add_argument(f"--{step}-base-url", default=None,
+                       help=f"the {step} step's server, if not --base-url")
     b.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
-    b.add_argument("--max-retries", type=int, default=5, help="client retries on 429, 5xx, timeouts (with backoff)")
-    b.add_argument("--timeout", type=float, default=600.0, help="seconds per request (long reasoning is slow)")
-    b.add_argument("--limit", type=int, default=None, help="only the first N records (a cheap first look)")
-    b.add_argument("--skip-bad", action="store_true", help="count and skip bad input records instead of stopping")
+    b.add_argument("--max-retries", type=int, default=5,
+                   help="client retries on 429, 5xx, timeouts (with backoff)")
+    b.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds per request (long reasoning is slow)")
+    b.add_argument("--limit", type=int, default=None,
+                   help="only the first N records (a cheap first look)")
+    b.add_argument("--skip-bad", action="store_true",
+                   help="count and skip bad input records instead of stopping")
     f = sub.add_parser("ppl-filter", help="keep the K SFT records of highest answer perplexity")
     f.add_argument("--data", required=True, help="SFT records (JSON/JSONL) with answers")
     f.add_argument("--image-root", default=None)
     f.add_argument("--models", nargs="+", required=True,
                    help="perplexity is averaged over these (paper: Qwen2-VL-2B, Qwen2.5-VL-3B)")
-    f.add_argument("--top", type=int, required=True, help="how many to keep (paper: 25000, 10000, 5000)")
-    f.add_argument("--out", required=True, help="JSONL of the kept records, highest perplexity first")
+    f.add_argument("--top", type=int, required=True,
+                   help="how many to keep (paper: 25000, 10000, 5000)")
+    f.add_argument("--out", required=True,
+                   help="JSONL of the kept records, highest perplexity first")
     f.add_argument("--batch-size", type=int, default=4, help="records per forward")
-    f.add_argument("--max-length", type=int, default=4096, help="tokens per record; longer answers are cut")
-    f.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS, help="image pixel cap (as the paper's evaluation)")
+    f.add_argument("--max-length", type=int, default=4096,
+                   help="tokens per record; longer answers are cut")
+    f.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS,
+                   help="image pixel cap (as the paper's evaluation)")
     f.add_argument("--skip-bad", action="store_true")
     f.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)

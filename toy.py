@@ -43,12 +43,14 @@ GRID = 4  # objects are placed on a 4x4 grid of cells, one vision token each
 # Draw on grey, not white: Qwen's patch embedding has no bias, so after CLIP normalisation white
 # patches all look alike (a one-shape colour task sat at chance on white and learned fast on grey).
 BACKGROUND = (123, 117, 104)
-COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30)}
+COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+           "yellow": (235, 205, 30)}
 SHAPES = ("circle", "square", "triangle")
 SPLIT_SIZES = {"sft": 4000, "rl": 4000, "test": 1500}
 SPLIT_SEEDS = {"sft": 1, "rl": 2, "test": 3}
 # Source prefixes used by the real VLAA-Thinking ids, so rewards.verifier_for routes by id too.
-SOURCE = {"digit": "clevr_math", "mcq": "geoqa170k", "math": "synthesis", "iou": "coco", "open": "allava"}
+SOURCE = {"digit": "clevr_math", "mcq": "geoqa170k", "math": "synthesis", "iou": "coco",
+          "open": "allava"}
 KIND_WEIGHTS = {"digit": 0.3, "mcq": 0.3, "math": 0.15, "iou": 0.15, "open": 0.1}
 TWO_IMAGE_SHARE = 0.2  # of the digit questions: count the objects of two images (1-3 each) together
 # Held-out answers are cut at this many tokens (grpo.py's start/end accuracy and eval.py's toy table
@@ -123,7 +125,8 @@ def make_task(rng, objects, kind, rl_forms=True):
             k = sum(o["colour"] == colour for o in objects)
             return (f"Subtract all {colour} objects. How many objects are left?", n - k, str(n - k),
                     f"I need to count the objects that are not {colour}.",
-                    [f"{count_phrase(n, 'object').capitalize()} and {k} {'is' if k == 1 else 'are'} {colour}.",
+                    [f"{count_phrase(n, 'object').capitalize()} and {k} "
+                     f"{'is' if k == 1 else 'are'} {colour}.",
                      f"So {n} - {k} = {n - k}."])
         shape = rng.choice(SHAPES)
         k = sum(o["shape"] == shape for o in objects)
@@ -132,31 +135,35 @@ def make_task(rng, objects, kind, rl_forms=True):
     if kind == "mcq":  # GeoQA style: options inline, the answer is a letter
         form = rng.randrange(3) if rl_forms else rng.randrange(2)
         if form == 0:
-            left = [o for o in objects if o["box"][0] // (IMAGE_SIZE // GRID) == objects[0]["box"][0] // (IMAGE_SIZE // GRID)]
+            left = [o for o in objects if o["box"][0] // (IMAGE_SIZE // GRID)
+                    == objects[0]["box"][0] // (IMAGE_SIZE // GRID)]
             if len(left) > 1:
                 return None  # two objects share the leftmost column: "leftmost" would be ambiguous
             target, options = objects[0]["colour"], list(COLOURS)
-            question, fact = "What colour is the leftmost object?", f"The leftmost object is {target}."
+            question, fact = ("What colour is the leftmost object?",
+                              f"The leftmost object is {target}.")
             plan = "I need the colour of the leftmost object."
         elif form == 1:
             o = rng.choice(objects)
             if sum(p["colour"] == o["colour"] for p in objects) > 1:
                 return None  # "the red object" must name one object
             target, options = o["shape"], list(SHAPES) + ["star"]
-            question, fact = f"What shape is the {o['colour']} object?", f"The {o['colour']} object is a {target}."
+            question, fact = (f"What shape is the {o['colour']} object?",
+                              f"The {o['colour']} object is a {target}.")
             plan = f"I need the shape of the {o['colour']} object."
         else:  # RL-only: the counting the policy learned, mapped to letters it must discover
             if n > 4:
                 return None
             target, options = str(n), ["1", "2", "3", "4"]
-            question, fact = "How many objects are in the image?", f"I count them: {count_phrase(n, 'object')}."
+            question, fact = ("How many objects are in the image?",
+                              f"I count them: {count_phrase(n, 'object')}.")
             plan = "I need to count all the objects."
         # not like GeoQA: the options come in a fixed order, so that a 2-layer model can learn
         # the letters in minutes; shuffled options stayed at chance for 600 SFT steps.
         letter = "ABCD"[options.index(target)]
         choices = " ".join(f"{'ABCD'[i]}. {opt}" for i, opt in enumerate(options))
-        return (f"{question}\nChoices: {choices}", letter, letter, plan + " Then I pick its letter.",
-                [fact, f"That is option {letter}."])
+        return (f"{question}\nChoices: {choices}", letter, letter,
+                plan + " Then I pick its letter.", [fact, f"That is option {letter}."])
     if kind == "math":  # Math PUMA style: the number comes from the picture, Math-Verify checks it
         value = f"\\frac{{{n}}}{{2}}" if n % 2 else str(n // 2)
         return ("Let n be the number of objects in the image. What is n/2? Give the simplest form.",
@@ -175,7 +182,8 @@ def make_task(rng, objects, kind, rl_forms=True):
         # The answer is in absolute pixels of the image the model sees (Qwen2.5-VL's native
         # frame); rewards.iou_reward reconciles it with the normalised ground truth.
         box = "[" + ", ".join(str(v) for v in o["box"]) + "]"
-        return (f"Please provide the bounding box coordinate of the region this sentence describes: {name}.",
+        return ("Please provide the bounding box coordinate of the region this sentence "
+                f"describes: {name}.",
                 gt, box, f"I need to find {name} and give its box.",
                 [f"{name.capitalize()} is in row {row}, column {col}."])
     if kind == "open":  # ALLaVA style: scored by a reward model against the reference
@@ -203,7 +211,8 @@ def make_trace(rng, plan, facts, answer, style):
                                      "Alternatively, I could count them one more time.", "Wait."]))
             parts.append(step)
         if rng.random() < 0.3:
-            parts.insert(2, f"Maybe the answer is {rng.choice(['1', '2', 'A', 'B'])}? No, that is a mistake.")
+            parts.insert(2, f"Maybe the answer is {rng.choice(['1', '2', 'A', 'B'])}? "
+                            "No, that is a mistake.")
         parts.append("I should confirm: yes, that is consistent.")
         think = " ".join(parts)
     else:
@@ -233,14 +242,16 @@ def make_records(split, n, seed, image_root):
         images = [f"{split}/{i:05d}{'' if j == 0 else f'-{j + 1}'}.png" for j in range(len(scenes))]
         for image, objects in zip(images, scenes):
             draw_scene(objects).save(os.path.join(image_root, image))
-        record = {"id": f"{SOURCE[kind]}-toy-{split}-{i:05d}", "image": images[0] if len(images) == 1 else images,
+        record = {"id": f"{SOURCE[kind]}-toy-{split}-{i:05d}",
+                  "image": images[0] if len(images) == 1 else images,
                   "question": question, "gt": gt, "verifier_type": kind,
                   "meta": {"objects": scenes[0] if len(scenes) == 1 else scenes}}
         if split == "sft":  # SFT records carry distilled answers, in both styles
             record["answer"] = make_trace(rng, plan, facts, answer, "concise")
             record["answer_pseudo"] = make_trace(rng, plan, facts, answer, "pseudo")
         else:
-            record["answer"] = make_trace(rng, plan, facts, answer, "concise")  # a reference, never trained on in RL
+            # a reference, never trained on in RL
+            record["answer"] = make_trace(rng, plan, facts, answer, "concise")
         records.append(record)
     return records
 
@@ -261,9 +272,10 @@ def build_data(root, sizes=SPLIT_SIZES):
 # ----------------------------------------------------------------------------------------
 # The tiny model: tokenizer, processor, config
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                  "<|image_pad|>", "<|video_pad|>"]
 
 # Qwen2-VL's chat template (the same one Qwen2.5-VL ships): image before text in a user turn.
 CHAT_TEMPLATE = (
@@ -291,42 +303,49 @@ FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 def build_tokenizer(corpus, vocab_size=1024, chat_template=CHAT_TEMPLATE, split_regex=None):
     """A byte-level BPE trained in-process (deterministic, ~10 ms) carrying Qwen's special tokens.
     split_regex: split words with this regex first, as a tokenizer class that imposes it will."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
+                            pre_tokenizers, trainers)
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     # use_regex=False lets merges cross word boundaries: trained on this narrow corpus, the
     # paper's long system prompt becomes 27 tokens instead of ~95, and the toy runs ~2x faster.
     # Digits are split off first, so numbers (counts, box corners) are tokens of their own.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     if split_regex:
         tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
     # The format tags as whole tokens (not special: decoding keeps them). Split into "><",
     # "answer", ">" a 2-layer model confuses the ">" of <answer> with that of </answer>.
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in FORMAT_TAGS])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, chat_template=chat_template, model_max_length=4096,
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token=None,
+                                   chat_template=chat_template, model_max_length=4096,
                                    extra_special_tokens={"image_token": "<|image_pad|>",
                                                          "video_token": "<|video_pad|>",
                                                          "vision_bos_token": "<|vision_start|>",
                                                          "vision_eos_token": "<|vision_end|>"})
 
 
-# Qwen3-VL's chat template (Instruct), shortened to the parts used here (no tools): unlike Qwen2-VL's
-# it adds no default system prompt; the image placeholder is the same.
+# Qwen3-VL's chat template (Instruct), shortened to the parts used here (no tools): unlike
+# Qwen2-VL's it adds no default system prompt; the image placeholder is the same.
 QWEN3_VL_TEMPLATE = CHAT_TEMPLATE.replace(
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "{% endif %}", "")
 
 # Qwen3_5Tokenizer's word-splitting regex (transformers 5.24, tokenization_qwen3_5.py)
-QWEN3_5_SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"""
+QWEN3_5_SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"""
+                       r"""| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"""
                        r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 # Qwen3.5's chat template, shortened the same way: turns are trimmed, and the generation prompt
@@ -346,51 +365,65 @@ QWEN3_5_TEMPLATE = QWEN3_VL_TEMPLATE.replace(
 # needs beyond the shared fields, d = head dim.
 FAMILIES = {
     "qwen2_vl": dict(
-        config="Qwen2VLConfig", processor="Qwen2VLProcessor", video="Qwen2VLVideoProcessor", patch=14, side=112,
+        config="Qwen2VLConfig", processor="Qwen2VLProcessor", video="Qwen2VLVideoProcessor",
+        patch=14, side=112,
         mean_std={}, template=CHAT_TEMPLATE,  # CLIP mean/std (the image processor's default)
         vision=lambda h, v: dict(depth=2, embed_dim=v, hidden_size=h, num_heads=2, mlp_ratio=2),
         # M-RoPE: (temporal, height, width) sections of head_dim / 2 in Qwen's 2:3:3 ratio
         text=lambda d: dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                              "mrope_section": [d // 8, 3 * d // 16, 3 * d // 16]})),
     "qwen2_5_vl": dict(
-        config="Qwen2_5_VLConfig", processor="Qwen2_5_VLProcessor", video="Qwen2VLVideoProcessor", patch=14,
-        side=112, mean_std={}, template=CHAT_TEMPLATE,
-        vision=lambda h, v: dict(depth=2, hidden_size=v, intermediate_size=v * 2, num_heads=2, out_hidden_size=h,
-                                 fullatt_block_indexes=[1], window_size=112),  # one windowed, one full block
+        config="Qwen2_5_VLConfig", processor="Qwen2_5_VLProcessor", video="Qwen2VLVideoProcessor",
+        patch=14, side=112, mean_std={}, template=CHAT_TEMPLATE,
+        # one windowed, one full block
+        vision=lambda h, v: dict(depth=2, hidden_size=v, intermediate_size=v * 2, num_heads=2,
+                                 out_hidden_size=h, fullatt_block_indexes=[1], window_size=112),
         text=lambda d: dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                              "mrope_section": [d // 8, 3 * d // 16, 3 * d // 16]})),
     "qwen3_vl": dict(
-        config="Qwen3VLConfig", processor="Qwen3VLProcessor", video="Qwen3VLVideoProcessor", patch=16, side=128,
+        config="Qwen3VLConfig", processor="Qwen3VLProcessor", video="Qwen3VLVideoProcessor",
+        patch=16, side=128,
         mean_std=dict(image_mean=[0.5] * 3, image_std=[0.5] * 3), template=QWEN3_VL_TEMPLATE,
-        # learned position embeddings on an 8 x 8 grid (interpolated for other sizes); "deepstack":
-        # the output of vision blocks 0 and 1 is also added to the hidden states of text layers 0 and 1
-        vision=lambda h, v: dict(depth=2, hidden_size=v, intermediate_size=v * 2, num_heads=2, out_hidden_size=h,
-                                 patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
+        # learned position embeddings on an 8 x 8 grid (interpolated for other sizes);
+        # "deepstack": the output of vision blocks 0 and 1 is also added to the hidden states of
+        # text layers 0 and 1
+        vision=lambda h, v: dict(depth=2, hidden_size=v, intermediate_size=v * 2, num_heads=2,
+                                 out_hidden_size=h, patch_size=16, num_position_embeddings=64,
+                                 deepstack_visual_indexes=[0, 1]),
         # interleaved M-RoPE (t, h, w, t, h, w, ...) over head_dim / 2 frequencies
-        text=lambda d: dict(head_dim=d, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                         "mrope_section": [6 * d // 32, 5 * d // 32, 5 * d // 32],
-                                                         "mrope_interleaved": True})),
+        text=lambda d: dict(
+            head_dim=d, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [6 * d // 32, 5 * d // 32, 5 * d // 32],
+                                         "mrope_interleaved": True})),
     "qwen3_5": dict(
-        config="Qwen3_5Config", processor="Qwen3VLProcessor", video="Qwen3VLVideoProcessor", patch=16, side=128,
+        config="Qwen3_5Config", processor="Qwen3VLProcessor", video="Qwen3VLVideoProcessor",
+        patch=16, side=128,
         mean_std=dict(image_mean=[0.5] * 3, image_std=[0.5] * 3), template=QWEN3_5_TEMPLATE,
         # transformers loads a qwen3_5 checkpoint's tokenizer as Qwen3_5Tokenizer whatever its
-        # tokenizer_config says, and that class splits words with Qwen's regex: train the BPE with it
+        # tokenizer_config says, and that class splits words with Qwen's regex: train the BPE
+        # with it
         split_regex=QWEN3_5_SPLIT_REGEX,
-        vision=lambda h, v: dict(depth=2, hidden_size=v, intermediate_size=v * 2, num_heads=2, out_hidden_size=h,
-                                 patch_size=16, num_position_embeddings=64),  # Qwen3-VL's tower without deepstack
-        # hybrid: a linear-attention (Gated DeltaNet) layer, then a full-attention layer (real: 3 to 1);
-        # rotary on a quarter of each head, interleaved M-RoPE over those frequencies
+        # Qwen3-VL's tower without deepstack
+        vision=lambda h, v: dict(depth=2, hidden_size=v, intermediate_size=v * 2, num_heads=2,
+                                 out_hidden_size=h, patch_size=16, num_position_embeddings=64),
+        # hybrid: a linear-attention (Gated DeltaNet) layer, then a full-attention layer
+        # (real: 3 to 1); rotary on a quarter of each head, interleaved M-RoPE over those
+        # frequencies
         text=lambda d: dict(head_dim=d, layer_types=["linear_attention", "full_attention"],
-                            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-                            linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                            linear_num_key_heads=2, linear_num_value_heads=4,
+                            linear_key_head_dim=16, linear_value_head_dim=16,
+                            linear_conv_kernel_dim=4,
                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                             "partial_rotary_factor": 0.25, "mrope_section": [d // 16, d // 32, d // 32],
+                                             "partial_rotary_factor": 0.25,
+                                             "mrope_section": [d // 16, d // 32, d // 32],
                                              "mrope_interleaved": True})),
 }
 
 
-def build_base_model(out_dir, corpus, arch="qwen2_5_vl", seed=0, hidden=128, layers=2, vision_dim=64):
-    """Randomly initialised tiny model of one of FAMILIES + processor, saved as a normal HF checkpoint."""
+def build_base_model(out_dir, corpus, arch="qwen2_5_vl", seed=0, hidden=128, layers=2,
+                     vision_dim=64):
+    """Randomly initialised tiny model of one of FAMILIES + processor, saved as a normal HF
+    checkpoint."""
     import torch
     import transformers
     from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessor
@@ -398,27 +431,35 @@ def build_base_model(out_dir, corpus, arch="qwen2_5_vl", seed=0, hidden=128, lay
     if arch not in FAMILIES:
         raise ValueError(f"unknown toy architecture {arch!r} ({', '.join(FAMILIES)})")
     family = FAMILIES[arch]
-    tokenizer = build_tokenizer(corpus, chat_template=family["template"], split_regex=family.get("split_regex"))
+    tokenizer = build_tokenizer(corpus, chat_template=family["template"],
+                                split_regex=family.get("split_regex"))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     pixels = family["side"] ** 2  # min = max: 16 image tokens per toy image
-    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=family["patch"],
-                                            **family["mean_std"])
-    video_processor = getattr(transformers, family["video"])(patch_size=family["patch"], **family["mean_std"])
-    processor = getattr(transformers, family["processor"])(image_processor=image_processor, tokenizer=tokenizer,
+    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels,
+                                            patch_size=family["patch"], **family["mean_std"])
+    video_processor = getattr(transformers, family["video"])(patch_size=family["patch"],
+                                                             **family["mean_std"])
+    processor = getattr(transformers, family["processor"])(image_processor=image_processor,
+                                                           tokenizer=tokenizer,
                                                            video_processor=video_processor,
                                                            chat_template=family["template"])
     heads, kv_heads = 4, 2
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True, **family["text"](hidden // heads))
+                max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                tie_word_embeddings=True, **family["text"](hidden // heads))
     special = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    config = getattr(transformers, family["config"])(text_config=text, vision_config=family["vision"](hidden, vision_dim),
-                                                      tie_word_embeddings=True, **special)
+                   vision_start_token_id=ids["<|vision_start|>"],
+                   vision_end_token_id=ids["<|vision_end|>"])
+    config = getattr(transformers, family["config"])(
+        text_config=text, vision_config=family["vision"](hidden, vision_dim),
+        tie_word_embeddings=True, **special)
     transformers.utils.logging.disable_progress_bar()  # no shard-writing progress bar
-    with torch.random.fork_rng():  # seeded here without touching the caller's stream: a first run (which builds
-        torch.manual_seed(seed)    # the toy) then samples exactly as a run with the toy cached does
+    # seeded here without touching the caller's stream: a first run (which builds the toy) then
+    # samples exactly as a run with the toy cached does
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
@@ -440,7 +481,8 @@ def _mark_done(path):
 
 
 def _build_atomically(path, build, what):
-    """Build into path.tmp, then rename: a kill mid-build never leaves a half-built cache. Says one line."""
+    """Build into path.tmp, then rename: a kill mid-build never leaves a half-built cache.
+    Says one line."""
     if _ready(path):
         return path
     tmp = path + f".tmp{os.getpid()}"
@@ -462,11 +504,13 @@ def _build_atomically(path, build, what):
 def data_dir():
     """The toy dataset directory (built on first use): sft.jsonl, rl.jsonl, test.jsonl, images/."""
     sizes = " / ".join(f"{n} {split}" for split, n in SPLIT_SIZES.items())
-    return _build_atomically(os.path.join(TOY_DIR, f"data-v{VERSION}"), build_data, f"the data ({sizes} records)")
+    return _build_atomically(os.path.join(TOY_DIR, f"data-v{VERSION}"), build_data,
+                             f"the data ({sizes} records)")
 
 
 def data_path(split):
-    """(jsonl path, image root) of one toy split - what --data/--image-root would be for real data."""
+    """(jsonl path, image root) of one toy split - what --data/--image-root would be for real
+    data."""
     root = data_dir()
     return os.path.join(root, f"{split}.jsonl"), os.path.join(root, "images")
 
@@ -488,15 +532,16 @@ def base_model_path(arch="qwen2_5_vl"):
     """The randomly initialised tiny model (built on first use, ~1 s)."""
     corpus = text_corpus()
     return _build_atomically(os.path.join(TOY_DIR, f"base-{arch}-v{VERSION}"),
-                             lambda out: build_base_model(out, corpus, arch=arch), f"the tiny {arch} model")
+                             lambda out: build_base_model(out, corpus, arch=arch),
+                             f"the tiny {arch} model")
 
 
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 # The toy policy recipe: short, so the policy follows the format but is far from perfect.
-POLICY_SFT_ARGS = ["--max-steps", "150", "--batch-size", "32", "--micro-batch-size", "32", "--lr", "1e-3",
-                   "--warmup-ratio", "0.05", "--kinds", "digit,mcq,math,iou", "--train-vision",
-                   "--save-every", "0", "--seed", "0"]
+POLICY_SFT_ARGS = ["--max-steps", "150", "--batch-size", "32", "--micro-batch-size", "32",
+                   "--lr", "1e-3", "--warmup-ratio", "0.05", "--kinds", "digit,mcq,math,iou",
+                   "--train-vision", "--save-every", "0", "--seed", "0"]
 
 
 def policy_path(arch="qwen2_5_vl"):
@@ -507,7 +552,8 @@ def policy_path(arch="qwen2_5_vl"):
     base = base_model_path(arch)  # built first, so each build says its own line
 
     def build(out):
-        env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith("ACCELERATE_")}
+        env = {k: v for k, v in os.environ.items()
+               if k not in DIST_ENV and not k.startswith("ACCELERATE_")}
         env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
         here = os.path.dirname(os.path.abspath(__file__))
         cmd = [sys.executable, os.path.join(here, "sft.py"), "--model", base, "--data", "toy",
