@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.slow  # out of CI for time (README "Tests"); --runslow runs it
+@pytest.mark.slow  # out of CI for time (README "Toy results"); --runslow runs it
 def test_bench_quick_reports_our_side(tmp_path):
     has_trl = importlib.util.find_spec("trl") is not None
     cmd = [sys.executable, "bench.py", "--quick", "--threads", "1", "--out", str(tmp_path)] + (["--no-trl"] if has_trl else [])

@@ -238,7 +238,7 @@ def test_sft_resume_gives_the_same_next_losses(tmp_path):
         assert x["loss"] == approx(y["loss"]) and x["lr"] == y["lr"]
 
 
-@pytest.mark.slow  # out of CI for time (README "Tests"); --runslow runs it
+@pytest.mark.slow  # out of CI for time (README "Toy results"); --runslow runs it
 def test_sft_toy_defaults_run_unchanged_on_two_ranks(tmp_path):
     out = str(tmp_path / "toy2")
     run_two_ranks("sft.py", "--max-steps", "2", "--output-dir", out, "--quiet")

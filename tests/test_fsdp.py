@@ -49,7 +49,7 @@ def assert_same_weights(a, b):
         assert torch.allclose(a[k], b[k], **FLOAT32), k
 
 
-@pytest.mark.slow  # out of CI for time (README "Tests"); --runslow runs it
+@pytest.mark.slow  # out of CI for time (README "Toy results"); --runslow runs it
 def test_accelerate_does_not_give_fsdp_on_cpu_ranks_by_itself(tmp_path):
     """Why tests/fsdp_cpu.py exists: with ACCELERATE_USE_CPU=true the FSDP request is dropped
     silently and prepare() returns DDP. If accelerate changes this, the shim can go."""
@@ -70,7 +70,7 @@ GRPO = ["--model", "toy", "--rollout-batch-size", "4", "-G", "4", "--train-batch
         "--eval-limit", "5", "--max-steps", "3", "--save-every", "2", "--quiet"]
 
 
-@pytest.mark.slow  # out of CI for time (README "Tests"); --runslow runs it
+@pytest.mark.slow  # out of CI for time (README "Toy results"); --runslow runs it
 def test_sft_under_fsdp_matches_ddp(tmp_path):
     fsdp, ddp = str(tmp_path / "fsdp"), str(tmp_path / "ddp")
     two_ranks("sft.py", *SFT, "--output-dir", fsdp, fsdp=True)
@@ -114,7 +114,6 @@ def adapters(run_dir, step):
     return load_file(os.path.join(run_dir, f"checkpoint-{step}", "adapter_model.safetensors"))
 
 
-@pytest.mark.slow  # out of CI for time (README "Tests"); --runslow runs it
 def test_lora_grpo_under_fsdp_matches_ddp_and_resumes(tmp_path):
     """LoRA under FSDP2: the adapters sit in the layers FSDP shards, the KL reference is the policy
     with its adapters off; the same losses and adapters as DDP, and an exact resume."""

@@ -665,7 +665,7 @@ def test_two_cpu_ranks_keep_identical_weights(tmp_path):
         assert len(mine) == 2 and r["frac_zero_std"] * 4 in (zero, zero + 1, zero + 2)
 
 
-@pytest.mark.slow  # out of CI for time (README "Tests"); --runslow runs it
+@pytest.mark.slow  # out of CI for time (README "Toy results"); --runslow runs it
 def test_toy_defaults_run_unchanged_on_two_ranks(tmp_path):
     """The documented launch with the toy's own presets (8 prompts x G=8, micro-batch = the rank's batch)."""
     out = str(tmp_path / "toy2")
