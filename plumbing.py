@@ -981,6 +981,9 @@ class Run:
         self.logs = {f: open_log(accelerator, args.output_dir, f, self.step) for f in logs}
         self.talks = accelerator.is_main_process and not args.quiet
         self.bar = tqdm(total=total_steps, initial=self.step, disable=not self.talks, desc=name)
+        if args.resume:  # what a resumed run starts from, in one line
+            self.say(f"resumed from {resolve_checkpoint(args.output_dir)} at step {self.step}"
+                     if self.step else f"--resume: no checkpoint in {args.output_dir}; step 0")
 
     @property
     def step(self):
