@@ -725,13 +725,15 @@ def judge_inputs(processor, images, questions, answers):
     for image, question, answer in zip(images, questions, answers):
         prompt = JUDGE_PROMPT.format(question=str(question).strip(), answer=str(answer).strip())
         content = [{"type": "text", "text": prompt}]
+        if isinstance(image, str):
+            with Image.open(image) as opened:  # the file closed once read
+                image = opened.convert("RGB")
         if image is not None:
             content.insert(0, {"type": "image"})
-            pictures.append(Image.open(image) if isinstance(image, str) else image)
+            pictures.append(image.convert("RGB"))
         texts.append(processor.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True,
             **no_thinking))
-    pictures = [picture.convert("RGB") for picture in pictures]
     return processor(text=texts, images=pictures or None, padding=True, padding_side="left",
                      return_tensors="pt")
 
@@ -802,7 +804,8 @@ class RewardModelScorer:
 
     def _judge(self, images, questions, answers):
         batch = judge_inputs(self.tokenizer, images, questions, answers).to(self.device)
-        logits = self.model(**batch).logits[:, -1].float()  # (B, V): the reply's first token
+        # (B, V): the reply's first token; the logits of that position only, not of the prompt's
+        logits = self.model(**batch, logits_to_keep=1).logits[:, -1].float()
         # log p(Yes) - log p(No): the softmax's normaliser cancels
         return (logits[:, self.yes] - logits[:, self.no]).tolist()
 

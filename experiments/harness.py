@@ -26,6 +26,7 @@ import data  # noqa: E402
 import grpo  # noqa: E402  (its toy recipe, TOY, is part of every protocol)
 import sft  # noqa: E402  (likewise)
 import toy  # noqa: E402
+from eval import moving_average  # noqa: E402  (the smoothing of eval.py's plots)
 
 PY = sys.executable
 SFT_BATCH = sft.TOY["batch_size"]  # N records, one epoch = N / SFT_BATCH steps
@@ -186,9 +187,7 @@ def curves_figure(out, arms, seeds, panels, path, title):
             if not curves:
                 continue
             steps = curves[0][0][:min(len(c[0]) for c in curves)]
-            k = max(1, len(steps) // 20)
-            smooth = [[statistics.mean(ys[max(0, i - k + 1):i + 1]) for i in range(len(steps))]
-                      for _, ys in curves]
+            smooth = [moving_average(ys[:len(steps)]) for _, ys in curves]
             ax.plot(steps, [statistics.mean(c) for c in zip(*smooth)], color=f"C{colour}",
                     label=label)
             ax.fill_between(steps, [min(c) for c in zip(*smooth)],
