@@ -24,13 +24,16 @@ from harness import (Plan, accuracy_cells, curves_figure, evaluation, first_last
 # The protocol's budget. GRPO steps: the most (in 25s) that keep the full run's estimate (COST,
 # 2 workers) within 15 of its 20 minutes on 2 quiet cores.
 FULL = dict(seeds=(0, 1, 2), grpo_steps=200, sizes=(500, 1000, 2000, 4000), eval_limit=None)
-QUICK = dict(seeds=(0,), grpo_steps=100, sizes=(500, 1000, 2000, 4000), eval_limit=None)
+# --quick: 100 steps and every size until 1 Dec, when COST put it at 7 min (over its 5)
+QUICK = dict(seeds=(0,), grpo_steps=50, sizes=(500, 4000), eval_limit=None)
 SMOKE = dict(seeds=(0,), grpo_steps=2, sizes=(32, 64), eval_limit=16)  # 1-2 SFT steps a run
 # Not the toy recipe's cap: the pseudo-reasoning traces run to 50 tokens, and a cap that cut them
 # would make (c) lose by truncation, not by its reasoning (the paper's 1024 fits R1's answers).
 GRPO_MAX_NEW_TOKENS = 64
-# CPU seconds on one thread: to start the longest chains first, and for the estimate
-COST = dict(grpo_step=0.55, sft_step=0.23, startup=5.0, eval=16.0, dynamic=2.0)
+# CPU seconds on one thread: to start the longest chains first, and for the estimate. Measured in
+# the second full run (1 Dec), when the machine ran ~2x slower than on 29 Nov, whose costs (GRPO
+# 0.55 s a step, SFT 0.23 s) set the 200 steps above.
+COST = dict(grpo_step=0.86, sft_step=0.58, startup=8.0, eval=20.0, dynamic=1.6)
 ARMS = [("(a) GRPO only", "grpo-s{s}"), ("(b) SFT concise, then GRPO", "concise-grpo-s{s}"),
         ("(c) SFT pseudo, then GRPO", "pseudo-grpo-s{s}"),
         ("(e) SFT pseudo, then GRPO with dynamic sampling", "pseudo-dyn-grpo-s{s}")]
