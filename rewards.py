@@ -730,7 +730,7 @@ def judge_inputs(processor, images, questions, answers):
                 image = opened.convert("RGB")
         if image is not None:
             content.insert(0, {"type": "image"})
-            pictures.append(image.convert("RGB"))
+            pictures.append(image if image.mode == "RGB" else image.convert("RGB"))
         texts.append(processor.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True,
             **no_thinking))
