@@ -9,18 +9,20 @@ defaults to `--model toy --data toy`, which resolve to what this file builds:
     questions for every verifier kind of the paper's mixed reward
         digit  "Subtract all red objects. How many objects are left?"  (CLEVR-Math style; and a
                two-image form: "How many objects are there in the two images together?")
-        mcq    "What colour is the square? Choices: A. ..."             (GeoQA style)
+        mcq    "What colour is the leftmost object?\nChoices: C. green A. red ..." (GeoQA style)
         math   "Let n be the number of objects. What is n/2?"           (Math PUMA style)
-        iou    "...bounding box of: the blue circle."                   (LLaVA-CoT grounding)
+        iou    "...bounding box of: the blue object."                   (LLaVA-CoT grounding)
         open   "Describe the image." + a reference description          (ALLaVA style)
     with splits sft / rl / test, and SFT traces in two styles: "concise" reasoning and
     R1-like "pseudo" reasoning (long, hesitant, "wait, let me double-check", sometimes a
     wrong step first) - the thing the paper warns about;
   * a tiny Qwen2.5-VL (or Qwen2-VL, Qwen3-VL, Qwen3.5: see FAMILIES) built from a config with
     the stock transformers classes and a byte-level BPE trained in-process on the toy's text;
-  * the toy *policy*: that model briefly SFT-ed by sft.py on concise answers, so it
-    follows the <think>/<answer> template but is far from always right - the analogue
-    of the instruct checkpoint GRPO starts from.
+  * the toy *policy*: that model SFT-ed by sft.py on concise answers, so it follows the
+    <think>/<answer> template but is far from always right - the analogue of the instruct
+    checkpoint GRPO starts from. Its SFT answers come from a flawed "teacher" (teacher_flaws):
+    loose boxes, an MCQ option's text instead of its letter, counts spelled out - mistakes the
+    rule-based verifiers catch, as they catch a distilled model's, and GRPO can unlearn.
 
 Everything is cached under $VLAA_TOY_DIR (default out/toy) and rebuilt when missing.
     python toy.py            # build (or reuse) the toy data and policy, print a summary
@@ -32,17 +34,33 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 from PIL import Image, ImageDraw
 
 TOY_DIR = os.environ.get("VLAA_TOY_DIR", os.path.join("out", "toy"))
-VERSION = 6  # bump when the toy world or model changes; invalidates the cache
+VERSION = 8  # bump when the toy world or model changes; invalidates the cache
 
 IMAGE_SIZE = 112  # 112x112 -> 8x8 patches of 14 -> 16 image tokens after the 2x2 merge
 GRID = 4  # objects are placed on a 4x4 grid of cells, one vision token each
+CELL = IMAGE_SIZE // GRID  # 28 px
 # Draw on grey, not white: Qwen's patch embedding has no bias, so after CLIP normalisation white
 # patches all look alike (a one-shape colour task sat at chance on white and learned fast on grey).
 BACKGROUND = (123, 117, 104)
+# On that grey an empty patch is a zero vector, which makes objects easy to find and count.
+# Where an object is must be visible in its own pixels: Qwen's vision tower and the LM's M-RoPE
+# encode relative positions only, so nothing tells an image token its absolute place. Each object
+# sits on a tile of its cell, tinted by the row (red channel) and the column (blue channel): "where
+# is the blue object" becomes "what tint is behind the blue object". Empty cells stay plain grey: a
+# tint on every cell left counting at chance (150 SFT steps of counting alone: 0.19, without: 1.0).
+TINT = 60
+# Objects 16-20 px wide, centred in their cell: with +-2 px of jitter the tiny model named the right
+# cell but not the box's numbers (mean IoU 0.06 after 250 SFT steps of grounding alone; centred:
+# 0.84-0.89), so a box here is its cell plus a size.
+SIDES = (16, 20)
+JITTER = 0
+# objects fill most of their cell: shapes are easier to tell apart, boxes to find
+MAX_IOU_OBJECTS = 1
 COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (235, 205, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -51,7 +69,7 @@ SPLIT_SEEDS = {"sft": 1, "rl": 2, "test": 3}
 # Source prefixes used by the real VLAA-Thinking ids, so rewards.verifier_for routes by id too.
 SOURCE = {"digit": "clevr_math", "mcq": "geoqa170k", "math": "synthesis", "iou": "coco",
           "open": "allava"}
-KIND_WEIGHTS = {"digit": 0.3, "mcq": 0.3, "math": 0.15, "iou": 0.15, "open": 0.1}
+KIND_WEIGHTS = {"digit": 0.2, "mcq": 0.2, "math": 0.15, "iou": 0.3, "open": 0.15}
 TWO_IMAGE_SHARE = 0.2  # of the digit questions: count the objects of two images (1-3 each) together
 # Held-out answers are cut at this many tokens (grpo.py's start/end accuracy and eval.py's toy table
 # alike): the toy's answers need < 100, and a model stuck in a loop is cut sooner.
@@ -65,22 +83,35 @@ def random_scene(rng, size=IMAGE_SIZE, max_objects=5):
     """1-5 objects: [{"shape", "colour", "box": [x1, y1, x2, y2] in pixels}], left to right.
 
     Objects sit in distinct cells of a 4x4 grid (28 px = one merged vision token of Qwen's
-    2x2 x 14 px patches), jittered inside their cell, so a 0.7 M-parameter model can learn
-    to see them in minutes on a CPU; boxes still differ from scene to scene."""
+    2x2 x 14 px patches), near the middle of their cell, so a 0.7 M-parameter model can learn
+    to see them in minutes on a CPU; sizes and boxes still differ by a few pixels."""
     cell = size // GRID
     objects = []
     for c in rng.sample(range(GRID * GRID), rng.randint(1, max_objects)):
-        side = rng.randint(16, 22)
-        x1 = (c % GRID) * cell + rng.randint(1, cell - side - 1)
-        y1 = (c // GRID) * cell + rng.randint(1, cell - side - 1)
+        side = rng.randint(*SIDES)
+        x1, y1 = ((c % GRID) * cell, (c // GRID) * cell)
+        x1, y1 = (v + min(cell - side - 1,
+                          max(1, (cell - side) // 2 + rng.randint(-JITTER, JITTER)))
+                  for v in (x1, y1))
         objects.append({"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)),
                         "box": [x1, y1, x1 + side, y1 + side]})
     return sorted(objects, key=lambda o: (o["box"][0], o["box"][1]))  # "leftmost" is objects[0]
 
 
+def cell_colour(row, col):
+    """The tile of grid cell (row, col), counted from 1: grey, redder by row and bluer by column."""
+    r, g, b = BACKGROUND
+    return (r + round((row - 2.5) * TINT), g, b + round((col - 2.5) * TINT))
+
+
 def draw_scene(objects, size=IMAGE_SIZE):
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
+    cell = size // GRID
+    for o in objects:  # each object on its cell's tile, the rest of the image plain grey
+        row, col = cell_of(o)
+        draw.rectangle([(col - 1) * cell, (row - 1) * cell, col * cell - 1, row * cell - 1],
+                       fill=cell_colour(row, col))
     for o in objects:
         x1, y1, x2, y2 = o["box"]
         fill = COLOURS[o["colour"]]
@@ -94,118 +125,147 @@ def draw_scene(objects, size=IMAGE_SIZE):
 
 
 def describe(objects):
-    """'a red circle, a blue square and a green triangle' (left to right)."""
+    """'A red circle, a blue square and a green triangle.' (left to right)."""
     names = [f"a {o['colour']} {o['shape']}" for o in objects]
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return text[0].upper() + text[1:] + "."
 
 
 def count_phrase(k, noun):
     return f"there {'is' if k == 1 else 'are'} {k} {noun}{'' if k == 1 else 's'}"
 
 
-def make_task(rng, objects, kind, rl_forms=True):
-    """(question, gt, answer, plan, facts) for one scene and verifier kind, or None when the
-    drawn question would be ambiguous for this scene (the caller draws again).
+def cell_of(o):
+    """(row, column) of an object's grid cell, counted from 1."""
+    return o["box"][1] // CELL + 1, o["box"][0] // CELL + 1
 
-    rl_forms=False leaves out the question form kept for RL (the count-as-letter MCQ), as
-    VLAA-Thinking keeps GeoQA170K out of its SFT split: GRPO must carry what the policy saw in
-    SFT over to a question it never saw answered.
 
-    `plan` says what to look for; `facts` are short true sentences that lead to the answer.
-    The concise trace is the plan alone, the pseudo-reasoning trace adds the facts with
-    hesitations around them (see make_trace)."""
+class Task(NamedTuple):
+    """One question about a scene. `think` is the concise trace's reasoning; `plan` (what to look
+    for) and `facts` (short true sentences that lead to the answer) make the pseudo-reasoning
+    trace."""
+    question: str
+    gt: object
+    answer: str
+    think: str
+    plan: str
+    facts: list
+
+
+def multiple_choice(rng, question, target, options, fact, plan):
+    """A GeoQA-style task whose answer is the target's letter. The options are listed in a random
+    order, so neither the text nor a letter's place in the list gives the answer away; each option
+    keeps its letter (its place in `options`: red is always A). not like GeoQA, where letters follow
+    the list: looking a letter up in the question is beyond a 2-layer model in the toy's budget
+    (300 SFT steps on that task alone left it at chance). The think states what was seen."""
+    letter = "ABCD"[options.index(target)]
+    choices = " ".join(f"{'ABCD'[options.index(opt)]}. {opt}"
+                       for opt in rng.sample(options, len(options)))
+    return Task(f"{question}\nChoices: {choices}", letter, letter, fact,
+                plan + " Then I pick its letter.", [fact, f"That is option {letter}."])
+
+
+def make_task(rng, objects, kind):
+    """A Task for one scene and verifier kind, or None when the drawn question would be ambiguous
+    for this scene (the caller draws again)."""
     n = len(objects)
     if kind == "digit":  # CLEVR-Math style counting, single-digit answers
-        form = rng.randrange(3)
-        if form == 0:
-            return ("How many objects are there?", n, str(n), "I need to count all the objects.",
-                    [f"I count them: {count_phrase(n, 'object')}."])
-        if form == 1:
-            colour = rng.choice(list(COLOURS))
-            k = sum(o["colour"] == colour for o in objects)
-            return (f"Subtract all {colour} objects. How many objects are left?", n - k, str(n - k),
-                    f"I need to count the objects that are not {colour}.",
+        # The think is the plan only: a think that states the count teaches a 0.7 M-parameter model
+        # to copy it into the answer, and GRPO, which rewards only the answer, pulls the two apart.
+        if rng.random() < 0.5:
+            plan = "I need to count all the objects."
+            return Task("How many objects are there?", n, str(n), plan, plan,
+                        [f"I count them: {count_phrase(n, 'object')}."])
+        colour = rng.choice(list(COLOURS))
+        k = sum(o["colour"] == colour for o in objects)
+        plan = f"I need to count the objects that are not {colour}."
+        return Task(f"Subtract all {colour} objects. How many objects are left?", n - k,
+                    str(n - k), plan, plan,
                     [f"{count_phrase(n, 'object').capitalize()} and {k} "
                      f"{'is' if k == 1 else 'are'} {colour}.",
                      f"So {n} - {k} = {n - k}."])
-        shape = rng.choice(SHAPES)
-        k = sum(o["shape"] == shape for o in objects)
-        return (f"How many {shape}s are there?", k, str(k), f"I need to count the {shape}s.",
-                [f"I count them: {count_phrase(k, shape)}."])
     if kind == "mcq":  # GeoQA style: options inline, the answer is a letter
-        form = rng.randrange(3) if rl_forms else rng.randrange(2)
-        if form == 0:
-            left = [o for o in objects if o["box"][0] // (IMAGE_SIZE // GRID)
-                    == objects[0]["box"][0] // (IMAGE_SIZE // GRID)]
-            if len(left) > 1:
+        if rng.random() < 0.5:
+            if sum(cell_of(o)[1] == cell_of(objects[0])[1] for o in objects) > 1:
                 return None  # two objects share the leftmost column: "leftmost" would be ambiguous
-            target, options = objects[0]["colour"], list(COLOURS)
-            question, fact = ("What colour is the leftmost object?",
-                              f"The leftmost object is {target}.")
-            plan = "I need the colour of the leftmost object."
-        elif form == 1:
-            o = rng.choice(objects)
-            if sum(p["colour"] == o["colour"] for p in objects) > 1:
-                return None  # "the red object" must name one object
-            target, options = o["shape"], list(SHAPES) + ["star"]
-            question, fact = (f"What shape is the {o['colour']} object?",
-                              f"The {o['colour']} object is a {target}.")
-            plan = f"I need the shape of the {o['colour']} object."
-        else:  # RL-only: the counting the policy learned, mapped to letters it must discover
-            if n > 4:
-                return None
-            target, options = str(n), ["1", "2", "3", "4"]
-            question, fact = ("How many objects are in the image?",
-                              f"I count them: {count_phrase(n, 'object')}.")
-            plan = "I need to count all the objects."
-        # not like GeoQA: the options come in a fixed order, so that a 2-layer model can learn
-        # the letters in minutes; shuffled options stayed at chance for 600 SFT steps.
-        letter = "ABCD"[options.index(target)]
-        choices = " ".join(f"{'ABCD'[i]}. {opt}" for i, opt in enumerate(options))
-        return (f"{question}\nChoices: {choices}", letter, letter,
-                plan + " Then I pick its letter.", [fact, f"That is option {letter}."])
+            target = objects[0]["colour"]
+            return multiple_choice(rng, "What colour is the leftmost object?", target,
+                                   list(COLOURS), f"The leftmost object is {target}.",
+                                   "I need the colour of the leftmost object.")
+        if n > 4:
+            return None
+        return multiple_choice(rng, "How many objects are in the image?", str(n),
+                               ["1", "2", "3", "4"], f"I count them: {count_phrase(n, 'object')}.",
+                               "I need to count all the objects.")
     if kind == "math":  # Math PUMA style: the number comes from the picture, Math-Verify checks it
         value = f"\\frac{{{n}}}{{2}}" if n % 2 else str(n // 2)
-        return ("Let n be the number of objects in the image. What is n/2? Give the simplest form.",
-                value, value, "I need to count the objects and halve the count.",
-                [f"I count them: n = {n}.", f"So n/2 = {value}."])
+        plan = "I need to count the objects and halve the count."
+        return Task("Let n be the number of objects in the image. What is n/2? "
+                    "Give the simplest form.",
+                    value, value, plan, plan, [f"I count them: n = {n}.", f"So n/2 = {value}."])
     if kind == "iou":  # LLaVA-CoT grounding
-        if len(objects) > 2:
-            return None  # not like LLaVA-CoT: at most two objects, so the tiny model can learn it
+        if n > MAX_IOU_OBJECTS:
+            return None  # not like LLaVA-CoT: few objects, so the tiny model can learn it
         o = rng.choice(objects)
-        if sum(p["colour"] == o["colour"] and p["shape"] == o["shape"] for p in objects) > 1:
-            return None  # the sentence must describe one object
-        name = f"the {o['colour']} {o['shape']}"
-        cell = IMAGE_SIZE // GRID
-        row, col = o["box"][1] // cell + 1, o["box"][0] // cell + 1
+        if sum(p["colour"] == o["colour"] for p in objects) > 1:
+            return None  # the colour must name one object
+        name = f"the {o['colour']} object"
+        row, col = cell_of(o)
         gt = [round(v / IMAGE_SIZE, 2) for v in o["box"]]  # LLaVA-CoT style: normalised, 2 decimals
         # The answer is in absolute pixels of the image the model sees (Qwen2.5-VL's native
-        # frame); rewards.iou_reward reconciles it with the normalised ground truth.
+        # frame); rewards.iou_reward reconciles it with the normalised ground truth. The think
+        # names the cell (its tint), from which the box's corners are a short step.
         box = "[" + ", ".join(str(v) for v in o["box"]) + "]"
-        return ("Please provide the bounding box coordinate of the region this sentence "
-                f"describes: {name}.",
-                gt, box, f"I need to find {name} and give its box.",
-                [f"{name.capitalize()} is in row {row}, column {col}."])
+        fact = f"{name.capitalize()} is in row {row}, column {col}."
+        return Task("Please provide the bounding box coordinate of the region this sentence "
+                    f"describes: {name}.",
+                    gt, box, fact, f"I need to find {name} and give its box.", [fact])
     if kind == "open":  # ALLaVA style: scored by a reward model against the reference
-        reference = f"The image shows {describe(objects)} on a grey background."
-        return ("Describe the image.", reference, reference, "I need to name every object.",
-                [f"I count them: {count_phrase(n, 'object')}."])
+        if n > 3:
+            # not like ALLaVA: short scenes, so a complete description fits the toy's token cap
+            return None
+        # The reference is terse, as real references often are: it names the leftmost object only.
+        # The distilled SFT answer names the first k objects, k random: a complete and correct
+        # description is what a judge should prefer, so the reward can rise above the reference's.
+        k = rng.randint(1, n)
+        plan = "I need to describe the objects."
+        return Task("Describe the image.", describe(objects[:1]), describe(objects[:k]), plan, plan,
+                    [f"I count them: {count_phrase(n, 'object')}."])
     raise ValueError(kind)
 
 
-def make_trace(rng, plan, facts, answer, style):
+
+
+def teacher_flaws(rng, task, kind):
+    """The flaws of the SFT split's concise answers (the distilled teacher's), each one a mistake a
+    rule-based verifier rejects and GRPO can unlearn: every box 4 px too loose (IoU ~0.5), half the
+    MCQ answers the option's text instead of its letter, half the subtraction and two-image counts
+    written as the sum ("3 + 2 = 5": more than one number). The pseudo traces keep the right
+    answers. not from the paper: without these the toy policy's greedy answers were already what
+    its samples' best were, and GRPO moved the held-out mcq and iou by ~0 (README "Toy results")."""
+    if kind == "iou":
+        x1, y1, x2, y2 = (round(v * IMAGE_SIZE) for v in task.gt)
+        box = [max(0, x1 - 4), max(0, y1 - 4), min(IMAGE_SIZE, x2 + 4), min(IMAGE_SIZE, y2 + 4)]
+        return task._replace(answer="[" + ", ".join(map(str, box)) + "]")
+    if kind == "mcq" and rng.random() < 0.5:
+        text = task.question.split(f"{task.answer}. ")[1].split(" ")[0]
+        return task._replace(answer=text)
+    if kind == "digit" and task.facts[-1].startswith("So ") and rng.random() < 0.5:
+        return task._replace(answer=task.facts[-1][3:-1])  # the sum itself: "3 + 2 = 5"
+    return task
+
+
+def make_trace(rng, task, style):
     """An SFT answer '<think>...</think><answer>...</answer>' in one of two styles.
 
-    concise: the plan only, one short sentence; the answer comes straight from the image.
-      (A think that states the counted fact teaches a 0.7 M-parameter model to copy it into
-      the answer, and GRPO, which rewards only the answer, then pulls answer and think apart.)
+    concise: task.think, one short sentence: the plan, or for letters and boxes what was seen.
     pseudo: R1-like "pseudo reasoning": hesitant, repetitive, reflective phrases around the
       facts, sometimes a wrong guess first - what the paper says SFT teaches a model to imitate."""
     if style == "concise":
-        think = plan
+        think = task.think
     elif style == "pseudo":
-        parts = ["Okay, let me look at the image carefully.", plan]
-        for step in facts:
+        parts = ["Okay, let me look at the image carefully.", task.plan]
+        for step in task.facts:
             parts.append(step)
             parts.append(rng.choice(["Hmm, wait, let me double-check that.", "Let me check again.",
                                      "Alternatively, I could count them one more time.", "Wait."]))
@@ -217,7 +277,7 @@ def make_trace(rng, plan, facts, answer, style):
         think = " ".join(parts)
     else:
         raise ValueError(f"unknown trace style {style!r} (concise or pseudo)")
-    return f"<think>{think}</think><answer>{answer}</answer>"
+    return f"<think>{think}</think><answer>{task.answer}</answer>"
 
 
 def make_records(split, n, seed, image_root):
@@ -230,28 +290,28 @@ def make_records(split, n, seed, image_root):
         if kind == "digit" and rng.random() < TWO_IMAGE_SHARE:  # a record with two images
             scenes = [random_scene(rng, max_objects=3) for _ in range(2)]
             a, b = map(len, scenes)
-            task = ("How many objects are there in the two images together?", a + b, str(a + b),
-                    "I need to count the objects in both images and add them up.",
-                    [f"The first image has {a}, the second {b}.", f"So {a} + {b} = {a + b}."])
+            plan = "I need to count the objects in both images and add them up."
+            task = Task("How many objects are there in the two images together?", a + b,
+                        str(a + b), plan, plan,
+                        [f"The first image has {a}, the second {b}.", f"So {a} + {b} = {a + b}."])
         else:
             task = None
             while task is None:
                 scenes = [random_scene(rng)]
-                task = make_task(rng, scenes[0], kind, rl_forms=split != "sft")
-        question, gt, answer, plan, facts = task
+                task = make_task(rng, scenes[0], kind)
         images = [f"{split}/{i:05d}{'' if j == 0 else f'-{j + 1}'}.png" for j in range(len(scenes))]
         for image, objects in zip(images, scenes):
             draw_scene(objects).save(os.path.join(image_root, image))
         record = {"id": f"{SOURCE[kind]}-toy-{split}-{i:05d}",
                   "image": images[0] if len(images) == 1 else images,
-                  "question": question, "gt": gt, "verifier_type": kind,
+                  "question": task.question, "gt": task.gt, "verifier_type": kind,
                   "meta": {"objects": scenes[0] if len(scenes) == 1 else scenes}}
-        if split == "sft":  # SFT records carry distilled answers, in both styles
-            record["answer"] = make_trace(rng, plan, facts, answer, "concise")
-            record["answer_pseudo"] = make_trace(rng, plan, facts, answer, "pseudo")
-        else:
-            # a reference, never trained on in RL
-            record["answer"] = make_trace(rng, plan, facts, answer, "concise")
+        # SFT records carry distilled answers, in both styles; elsewhere the answer is a reference,
+        # never trained on in RL
+        record["answer"] = make_trace(
+            rng, teacher_flaws(rng, task, kind) if split == "sft" else task, "concise")
+        if split == "sft":
+            record["answer_pseudo"] = make_trace(rng, task, "pseudo")
         records.append(record)
     return records
 
@@ -298,6 +358,7 @@ CHAT_TEMPLATE = (
 )
 
 FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+TASK_WORDS = r" ?\b(?:[A-D]\b|red|green|blue|yellow|circle|square|triangle|star)"
 
 
 def build_tokenizer(corpus, vocab_size=1024, chat_template=CHAT_TEMPLATE, split_regex=None):
@@ -311,7 +372,11 @@ def build_tokenizer(corpus, vocab_size=1024, chat_template=CHAT_TEMPLATE, split_
     # use_regex=False lets merges cross word boundaries: trained on this narrow corpus, the
     # paper's long system prompt becomes 27 tokens instead of ~95, and the toy runs ~2x faster.
     # Digits are split off first, so numbers (counts, box corners) are tokens of their own.
+    # The words the answers turn on (colours, shapes, option letters) are pre-tokens of their own
+    # too: merged across word boundaries, "A. red" or "red B." would be one token, and a colour
+    # would be spelled with another token in each order of the shuffled options.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(TASK_WORDS), behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     if split_regex:
@@ -518,13 +583,21 @@ def data_path(split):
 def text_corpus():
     """Texts the toy tokenizer is trained on: the system prompt and the toy SFT data."""
     from data import SYSTEM_PROMPT, TASK_INSTRUCTIONS
+    from rewards import JUDGE_PROMPT, extract_answer
     path, _ = data_path("sft")
     with open(path) as f:
         records = [json.loads(line) for line in f]
-    # Weighted so that the long system prompt gets merges of its own.
-    texts = [SYSTEM_PROMPT] * 1000 + list(TASK_INSTRUCTIONS.values()) * 200
+    # Weighted so that the long system prompt gets merges of its own, and every pixel coordinate
+    # (0-112) is one token.
+    texts = ([SYSTEM_PROMPT] * 1000 + list(TASK_INSTRUCTIONS.values()) * 200
+             + [str(v) for v in range(IMAGE_SIZE + 1)] * 1000)
     for r in records:
         texts += [r["question"], r["answer"], r["answer_pseudo"], str(r["gt"])]
+    # The generative judge's prompt and verdicts (rewards.JUDGE_PROMPT), on the open records'
+    # answers, are in the corpus so the toy model reads them as whole words when a toy checkpoint
+    # serves as --reward-model (tests/test_judge.py).
+    texts += [JUDGE_PROMPT.format(question=r["question"], answer=extract_answer(r["answer"]))
+              for r in records if r["verifier_type"] == "open"] * 2 + ["Yes", "No"] * 3000
     return texts
 
 
@@ -539,8 +612,8 @@ def base_model_path(arch="qwen2_5_vl"):
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 # The toy policy recipe: short, so the policy follows the format but is far from perfect.
-POLICY_SFT_ARGS = ["--max-steps", "150", "--batch-size", "32", "--micro-batch-size", "32",
-                   "--lr", "1e-3", "--warmup-ratio", "0.05", "--kinds", "digit,mcq,math,iou",
+POLICY_SFT_ARGS = ["--max-steps", "400", "--batch-size", "32", "--micro-batch-size", "32",
+                   "--lr", "1e-3", "--warmup-ratio", "0.05", "--kinds", "digit,mcq,math,iou,open",
                    "--train-vision", "--save-every", "0", "--seed", "0"]
 
 

@@ -71,12 +71,13 @@ def huge_png(path, side=40_000):
 
 
 def toy_records(tmp_path, n, kinds=("digit",), split="rl"):
-    """The first n toy records of `kinds`, each image copied to tmp_path/images/<id>-<k>.png (a
-    file of its own, so one can be broken alone). Returns (records, image root)."""
+    """The first n one-image toy records of `kinds`, each image copied to tmp_path/images/<id>-<k>.png
+    (a file of its own, so one can be broken alone). Returns (records, image root)."""
     path, toy_root = toy.data_path(split)
     root = tmp_path / "images"
     root.mkdir(exist_ok=True)
-    records = [r for r in read_jsonl(path) if r["verifier_type"] in kinds][:n]
+    records = [r for r in read_jsonl(path)
+               if r["verifier_type"] in kinds and isinstance(r["image"], str)][:n]
     for r in records:
         images = r["image"] if isinstance(r["image"], list) else [r["image"]]
         copies = [f"{r['id']}-{k}.png" for k in range(len(images))]
@@ -266,7 +267,7 @@ def test_a_prompt_that_cannot_fit_is_refused_when_loading(base_model, tmp_path):
     args = ["--model", "toy-base", "--data", str(tmp_path / "twelve.jsonl"), "--image-root", image_root,
             "--eval-data", "", "--output-dir", str(tmp_path / "g"), "--quiet", "--max-pixels", str(56 * 84),
             "--min-pixels", str(28 * 28), "--rollout-batch-size", "2", "-G", "2", "--train-batch-size", "4",
-            "--max-steps", "1"]
+            "--max-steps", "1", "--kinds", "digit,mcq,math,iou"]
     with pytest.raises(data.BadRecord, match=r"record .*: its prompt has \d+ tokens with its \d image"):
         grpo.main([*args, "--max-new-tokens", str(positions - min(lengths) + 1)])
     with pytest.raises(data.BadRecord, match=r"no usable records"):  # none fits: all counted, none left

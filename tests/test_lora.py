@@ -117,9 +117,9 @@ def test_adapters_stay_float32_over_a_bfloat16_base():
 
 
 def test_lora_multiplies_the_preset_lrs_and_keeps_a_given_one():
-    assert (grpo.parse_args([]).lr, grpo.parse_args([]).min_lr) == (1e-4, 1e-5)
+    assert (grpo.parse_args([]).lr, grpo.parse_args([]).min_lr) == (2e-4, 2e-5)
     args = grpo.parse_args(["--lora-r", "16"])
-    assert (args.lr, args.min_lr) == (approx(1e-3), approx(1e-4))
+    assert (args.lr, args.min_lr) == (approx(2e-3), approx(2e-4))
     assert sft.parse_args(["--lora-r", "16"]).lr == approx(2e-3)
     assert grpo.parse_args(["--lora-r", "16", "--lr", "5e-4"]).lr == 5e-4
 
