@@ -6,7 +6,8 @@ command: which of the mixed reward's verifiers matter.
     python experiments/reward_ablation.py --quick   # 1 seed, shorter GRPO, <= 5 min
 
 Every arm is GRPO from the toy policy with grpo.py's toy recipe and the same budget:
-  mixed        all five verifier kinds (the open-ended one scored by the toy's judge)
+  mixed        all five verifier kinds (the open-ended one needs a judge, --reward-model: the
+               toy has none that sees the image yet, README "Toy results")
   rule         the four rule-based kinds (digit, mcq, math, iou), no open-ended
   rule - X     the rule-based kinds without X's records, for X in digit, math, mcq, iou
   rule, mcq 0  the rule-based kinds, MCQ records kept but their reward 0 (no signal)
