@@ -21,8 +21,8 @@ defaults to `--model toy --data toy`, which resolve to what this file builds:
   * the toy *policy*: that model SFT-ed by sft.py on concise answers, so it follows the
     <think>/<answer> template but is far from always right - the analogue of the instruct
     checkpoint GRPO starts from. Its SFT answers come from a flawed "teacher" (teacher_flaws):
-    loose boxes, an MCQ option's text instead of its letter, counts spelled out - mistakes the
-    rule-based verifiers catch, as they catch a distilled model's, and GRPO can unlearn.
+    loose boxes, an MCQ option's text instead of its letter, counts written as a sum - mistakes
+    the rule-based verifiers catch, as they catch a distilled model's, and GRPO can unlearn.
 
 Everything is cached under $VLAA_TOY_DIR (default out/toy) and rebuilt when missing.
     python toy.py            # build (or reuse) the toy data and policy, print a summary

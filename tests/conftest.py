@@ -38,6 +38,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def toy_built():
+    """The toy (data, tiny model, toy policy) built once before the first test, in this process: on a
+    fresh clone its policy takes minutes (400 SFT steps), more than a test that starts a script in a
+    subprocess allows for the whole script."""
+    return toy.policy_path()
+
+
 @pytest.fixture(scope="session")
 def base_model():
     """The randomly initialised tiny Qwen2.5-VL (built in seconds, cached)."""
