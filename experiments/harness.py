@@ -205,9 +205,10 @@ def curves_figure(out, arms, seeds, panels, path, title):
 
 # ---- the command line every experiment takes ---------------------------------------------------
 
-def main(name, doc, configs, plan, report, argv=None):
+def main(name, doc, configs, plan, report, argv=None, flags=()):
     """Runs the experiment `name`: configs {"full", "quick", "smoke"} -> its protocol's values,
-    plan(cfg, out) -> Plan, report(cfg, out, plan) -> (markdown, [figure paths])."""
+    plan(cfg, out) -> Plan, report(cfg, out, plan) -> (markdown, [figure paths]). `flags`: the
+    experiment's own options, (flag, help) pairs; their values join cfg (and the protocol)."""
     p = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one seed, a shorter budget (<= 5 min): "
                    "a check of the pipeline, not a result")
@@ -216,9 +217,12 @@ def main(name, doc, configs, plan, report, argv=None):
     p.add_argument("--workers", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--figure", default=None, help="also copy the (first) figure here")
+    for flag, text in flags:
+        p.add_argument(flag, default=None, help=text)
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    cfg = configs[mode]
+    own = [flag[2:].replace("-", "_") for flag, _ in flags]
+    cfg = dict(configs[mode], **{key: getattr(args, key) for key in own})
     suffix = "" if mode == "full" else f"-{mode}"
     out = os.path.abspath(args.out or os.path.join("out", "experiments", name + suffix))
     os.makedirs(out, exist_ok=True)

@@ -81,9 +81,12 @@ def grpo_args(cmd):
 
 
 def test_reward_ablation_arms_train_what_the_protocol_says(tmp_path):
-    jobs = reward_ablation.plan(reward_ablation.FULL, str(tmp_path)).jobs
+    assert len(reward_ablation.plan(reward_ablation.FULL, str(tmp_path)).jobs) == 1 + 6 * 3  # no judge
+    jobs = reward_ablation.plan(dict(reward_ablation.FULL, reward_model="judge"), str(tmp_path)).jobs
     assert len(jobs) == 1 + 7 * 3
     kinds = {name: grpo_args(job["train"]).kinds for name, job in jobs.items() if job["train"]}
+    assert grpo_args(jobs["mixed-s0"]["train"]).reward_model == "judge"
+    assert grpo_args(jobs["rule-s0"]["train"]).reward_model is None
     assert kinds["mixed-s0"] == "digit,mcq,math,iou,open" and kinds["rule-s1"] == "digit,mcq,math,iou"
     assert kinds["no-mcq-s2"] == "digit,math,iou" and kinds["no-iou-s0"] == "digit,mcq,math"
     assert jobs["mcq-zero-s0"]["train"][1:3] == ["experiments/unrewarded.py", "mcq"]
@@ -134,7 +137,7 @@ def fake_runs(out, plan, scores, steps=20):
 
 
 def test_ablation_verdicts_follow_the_rules_written_before_the_run(tmp_path):
-    cfg = dict(reward_ablation.FULL)
+    cfg = dict(reward_ablation.FULL, reward_model="judge")
     plan = reward_ablation.plan(cfg, str(tmp_path / "r"))
     # seeds add 0, 1, 2 points (std 1): MCQ's removal drops 10 points, math's 6, digit's and iou's 1;
     # mixed is 5 above rule-based
@@ -151,6 +154,13 @@ def test_ablation_verdicts_follow_the_rules_written_before_the_run(tmp_path):
     assert "1. removing MCQ hurts most: does not hold (the largest drop is digit's" in table
     assert "2. math and MCQ help more than the others: does not hold" in table
     assert "is best: does not hold" in table  # +0.5 against a std of 1
+    cfg = dict(reward_ablation.FULL, reward_model=None)  # no judge: no mixed arm, claim 3 untested
+    plan = reward_ablation.plan(cfg, str(tmp_path / "r3"))
+    fake_runs(str(tmp_path / "r3"), plan, {"rule": 40, "no-mcq": 30, "no-math": 34, "no-digit": 39,
+                                           "no-iou": 39, "mcq-zero": 31})
+    table, _ = reward_ablation.report(cfg, str(tmp_path / "r3"), plan)
+    assert "1. removing MCQ hurts most: holds" in table and "is best: not tested" in table
+    assert "| mixed (all five) | not run" in table
     cfg = dict(lr_kl_ablation.FULL)
     plan = lr_kl_ablation.plan(cfg, str(tmp_path / "k"))
     fake_runs(str(tmp_path / "k"), plan, {"kl2": 36, "kl1": 31, "lr2": 30})
