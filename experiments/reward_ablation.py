@@ -2,7 +2,7 @@
 experiments/reward_ablation.py - the paper's reward ablation (its Table 5) on the toy, in one
 command: which of the mixed reward's verifiers matter.
 
-    python experiments/reward_ablation.py           # 3 seeds, ~40 min on 2 cores
+    python experiments/reward_ablation.py           # 3 seeds, 39 min on 2 cores (2 Dec)
     python experiments/reward_ablation.py --quick   # 1 seed, shorter GRPO, <= 5 min
 
 Every arm is GRPO from the toy policy with grpo.py's toy recipe and the same budget:
