@@ -217,11 +217,9 @@ def main(name, doc, configs, plan, report, argv=None, flags=()):
     p.add_argument("--workers", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--figure", default=None, help="also copy the (first) figure here")
-    for flag, text in flags:
-        p.add_argument(flag, default=None, help=text)
+    own = [p.add_argument(flag, default=None, help=text).dest for flag, text in flags]
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    own = [flag[2:].replace("-", "_") for flag, _ in flags]
     cfg = dict(configs[mode], **{key: getattr(args, key) for key in own})
     suffix = "" if mode == "full" else f"-{mode}"
     out = os.path.abspath(args.out or os.path.join("out", "experiments", name + suffix))

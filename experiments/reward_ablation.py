@@ -65,9 +65,11 @@ def overall(out, pattern, seeds):
 
 
 def verdict(out, seeds, mixed=True):
-    """The paper's three claims, judged by the rules written down before the run (README)."""
+    """The paper's three claims, judged by the rules written down before the run (README); the
+    third only with the mixed arm."""
     import statistics
-    scores = {pattern: overall(out, pattern, seeds) for _, pattern, _, _ in ARMS[1 - mixed:]}
+    scores = {pattern: overall(out, pattern, seeds) for _, pattern, _, _ in ARMS
+              if mixed or pattern != MIXED[1]}
     mean = {k: statistics.mean(v) for k, v in scores.items()}
     sd = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in scores.items()}
     drop = {x: mean["rule-s{s}"] - mean[f"no-{x}-s{{s}}"] for x in ("digit", "math", "mcq", "iou")}
@@ -98,21 +100,22 @@ def verdict(out, seeds, mixed=True):
 def report(cfg, out, p):
     header = ["arm", "trained kinds", "digit", "mcq", "math", "iou", "overall (rule kinds)",
               "training reward, first -> last 10%"]
+    runs = arms(cfg)
+    mixed = MIXED in runs
     lines = [["toy policy (start)", "-"] + accuracy_cells(out, ["start"]) + [""]]
-    if MIXED not in arms(cfg):
+    if not mixed:
         lines.append([MIXED[0], "not run: no judge for the open kind (--reward-model)"]
                      + [""] * (len(header) - 2))
-    for label, pattern, kinds, unrewarded in arms(cfg):
+    for label, pattern, kinds, unrewarded in runs:
         names = [pattern.format(s=s) for s in cfg["seeds"]]
         ends = [first_last(training_curve(os.path.join(out, n), "reward_mean")[1]) for n in names]
         trained = ", ".join(kinds) + (f" ({unrewarded}: reward 0)" if unrewarded else "")
         reward = f"{spread([a for a, _ in ends], 3)} -> {spread([b for _, b in ends], 3)}"
         lines.append([label, trained] + accuracy_cells(out, names) + [reward])
-    mixed = MIXED in arms(cfg)
     table = results_table(out, header, lines, cfg, lambda o, s: verdict(o, s, mixed))
     figure = os.path.join(out, "reward_ablation.png")
-    curves = [(label, pattern) for label, pattern, _, _ in arms(cfg)]
-    panels = [(f"reward/{k}", f"training reward: {k}") for k in ALL[:4 + mixed]]
+    curves = [(label, pattern) for label, pattern, _, _ in runs]
+    panels = [(f"reward/{k}", f"training reward: {k}") for k in (ALL if mixed else RULE_KINDS)]
     curves_figure(out, curves, cfg["seeds"], panels, figure, "reward ablation on the toy")
     return table, [figure]
 
