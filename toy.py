@@ -79,19 +79,18 @@ EVAL_MAX_NEW_TOKENS = 128
 # ----------------------------------------------------------------------------------------
 # The synthetic world: scenes, images, questions
 
-def random_scene(rng, size=IMAGE_SIZE, max_objects=5):
+def random_scene(rng, max_objects=5):
     """1-5 objects: [{"shape", "colour", "box": [x1, y1, x2, y2] in pixels}], left to right.
 
     Objects sit in distinct cells of a 4x4 grid (28 px = one merged vision token of Qwen's
     2x2 x 14 px patches), near the middle of their cell, so a 0.7 M-parameter model can learn
     to see them in minutes on a CPU; sizes and boxes still differ by a few pixels."""
-    cell = size // GRID
     objects = []
     for c in rng.sample(range(GRID * GRID), rng.randint(1, max_objects)):
         side = rng.randint(*SIDES)
-        x1, y1 = ((c % GRID) * cell, (c // GRID) * cell)
-        x1, y1 = (v + min(cell - side - 1,
-                          max(1, (cell - side) // 2 + rng.randint(-JITTER, JITTER)))
+        x1, y1 = ((c % GRID) * CELL, (c // GRID) * CELL)
+        x1, y1 = (v + min(CELL - side - 1,
+                          max(1, (CELL - side) // 2 + rng.randint(-JITTER, JITTER)))
                   for v in (x1, y1))
         objects.append({"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)),
                         "box": [x1, y1, x1 + side, y1 + side]})
@@ -104,13 +103,12 @@ def cell_colour(row, col):
     return (r + round((row - 2.5) * TINT), g, b + round((col - 2.5) * TINT))
 
 
-def draw_scene(objects, size=IMAGE_SIZE):
-    image = Image.new("RGB", (size, size), BACKGROUND)
+def draw_scene(objects):
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    cell = size // GRID
     for o in objects:  # each object on its cell's tile, the rest of the image plain grey
         row, col = cell_of(o)
-        draw.rectangle([(col - 1) * cell, (row - 1) * cell, col * cell - 1, row * cell - 1],
+        draw.rectangle([(col - 1) * CELL, (row - 1) * CELL, col * CELL - 1, row * CELL - 1],
                        fill=cell_colour(row, col))
     for o in objects:
         x1, y1, x2, y2 = o["box"]

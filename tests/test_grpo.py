@@ -761,10 +761,17 @@ def test_toy_recipe_learns_the_prompts_it_trains_on(tmp_path):
     assert s["reward_mean_last_10pct"] - s["reward_mean_first_10pct"] >= 0.1, s
 
 
+def greedy_rows(model, processor, records, batch_size):
+    """plumbing.greedy_answers' rows for `records` in one process, flattened (the toy's eval length)."""
+    from accelerate import Accelerator
+    answers = plumbing.greedy_answers(model, processor, records, Accelerator(), batch_size,
+                                      toy.EVAL_MAX_NEW_TOKENS)
+    return [row for batch in answers for row in batch]
+
+
 def mcq_with_and_without_images(model_dir, tmp_path, n=96):
     """Greedy MCQ accuracy of a checkpoint on the toy test split's first n MCQ records, as they are
     and with every image replaced by a blank grey one."""
-    from accelerate import Accelerator
     test, images = toy.data_path("test")
     mcq = [r for r in read_jsonl(test) if r["verifier_type"] == "mcq"][:n]
     Image.new("RGB", (toy.IMAGE_SIZE, toy.IMAGE_SIZE), toy.BACKGROUND).save(tmp_path / "blank.png")
@@ -773,9 +780,7 @@ def mcq_with_and_without_images(model_dir, tmp_path, n=96):
     accuracy = []
     for path, root in ((test, images), (str(tmp_path / "blank.jsonl"), str(tmp_path))):
         recs = data.load_records(path, root, kinds={"mcq"}, limit=n)
-        rows = [row for batch in plumbing.greedy_answers(model, processor, recs, Accelerator(), 48,
-                                                         toy.EVAL_MAX_NEW_TOKENS)
-                for row in batch]
+        rows = greedy_rows(model, processor, recs, 48)
         accuracy.append(sum(plumbing.heldout_scores(rows, recs)) / n)
     return accuracy
 
@@ -788,8 +793,6 @@ def test_toy_mcq_answers_are_not_in_the_text_and_the_toy_policy_writes_boxes():
     frame of the image it saw (data.box_frame): measured 32/32 well formed, mean IoU 0.079."""
     from collections import Counter
 
-    from accelerate import Accelerator
-
     import rewards
     test, images = toy.data_path("test")
     by_text = {}
@@ -800,9 +803,7 @@ def test_toy_mcq_answers_are_not_in_the_text_and_the_toy_policy_writes_boxes():
     assert best < 0.5, best
     model, processor = plumbing.load_model(toy.policy_path())
     recs = data.load_records(test, images, kinds={"iou"}, limit=32)
-    rows = [row for batch in plumbing.greedy_answers(model, processor, recs, Accelerator(), 32,
-                                                     toy.EVAL_MAX_NEW_TOKENS)
-            for row in batch]
+    rows = greedy_rows(model, processor, recs, 32)
     boxes = [rewards.unit_box(rewards.extract_answer(row["response"]), row["image_size"]) for row in rows]
     assert sum(b is not None for b in boxes) >= 0.9 * len(rows), [row["response"] for row in rows]
     assert sum(plumbing.heldout_scores(rows, recs)) / len(recs) >= 0.04
