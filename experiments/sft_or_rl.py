@@ -32,10 +32,10 @@ SMOKE = dict(seeds=(0,), grpo_steps=2, sizes=(32, 64), eval_limit=16)  # 1-2 SFT
 # Not the toy recipe's cap: the pseudo-reasoning traces run to 50 tokens, and a cap that cut them
 # would make (c) lose by truncation, not by its reasoning (the paper's 1024 fits R1's answers).
 GRPO_MAX_NEW_TOKENS = 64
-# CPU seconds on one thread: to start the longest chains first, and for the estimate. Measured in
-# the second full run (1 Dec), when the machine ran ~2x slower than on 29 Nov, whose costs (GRPO
-# 0.55 s a step, SFT 0.23 s) set the 200 steps above.
-COST = dict(grpo_step=0.86, sft_step=0.58, startup=8.0, eval=20.0, dynamic=1.6)
+# CPU seconds on one thread: to start the longest chains first, and for the estimate. GRPO: today's
+# toy recipe, as the two ablations measured it (2 Dec); SFT: the second full run (1 Dec). The 200
+# steps above were set on 29 Nov by costs then (GRPO 0.55 s a step, SFT 0.23 s).
+COST = dict(grpo_step=1.15, sft_step=0.58, startup=8.0, eval=20.0, dynamic=1.6)
 ARMS = [("(a) GRPO only", "grpo-s{s}"), ("(b) SFT concise, then GRPO", "concise-grpo-s{s}"),
         ("(c) SFT pseudo, then GRPO", "pseudo-grpo-s{s}"),
         ("(e) SFT pseudo, then GRPO with dynamic sampling", "pseudo-dyn-grpo-s{s}")]
