@@ -123,8 +123,9 @@ def grpo_flags(p, preset):
     and the logs. `preset(key)` says a default's values (grpo.PAPER and grpo.TOY)."""
     a = p.add_argument
     a("--reward-model", help="open-ended scorer: any VLM as a judge (rewards.JUDGE_PROMPT; "
-      "not in the paper), internlm/internlm-xcomposer2d5-7b-reward (the paper's; needs "
-      "--trust-remote-code) or a sequence classifier")
+      "not in the paper; 'toy': the toy's judge, which counts objects), "
+      "internlm/internlm-xcomposer2d5-7b-reward (the paper's; needs --trust-remote-code) or a "
+      "sequence classifier")
     a("--reward-beta", type=float, default=rewards.OPEN_BETA,
       help="beta of the open-ended reward (not in the paper)")
     # the algorithm
@@ -413,9 +414,10 @@ def setup_grpo(args):
         if not args.reward_model:
             raise UserError(f"{args.data} has open-ended records: pass --reward-model, or "
                             "--kinds without 'open'")
+        with acc.main_process_first():  # the toy judge is built once, by the main process
+            judge = resolve_checkpoint(toy.resolve_judge(args.reward_model))
         try:
-            s.scorer = rewards.load_scorer(resolve_checkpoint(args.reward_model),
-                                           trust_remote_code=args.trust_remote_code,
+            s.scorer = rewards.load_scorer(judge, trust_remote_code=args.trust_remote_code,
                                            device=acc.device)
         except rewards.RewardModelError as e:  # a missing or unusable --reward-model: one line
             raise UserError(str(e)) from None

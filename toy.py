@@ -634,9 +634,90 @@ def policy_path(arch="qwen2_5_vl"):
                              f"the toy policy ({POLICY_SFT_ARGS[1]} SFT steps of the tiny model)")
 
 
+# The toy judge: the reward model of the open-ended kind ("Describe the image.", asked
+# rewards.JUDGE_PROMPT as any VLM judge is). [ours] What a 0.7M-parameter judge learns in minutes is
+# how many objects the image holds: trained on complete descriptions ("Yes") against ones naming
+# too few objects or one too many ("No"), it prefers the complete description of a held-out scene
+# to one with an object fewer 96% of the time and to one with an object more 97% (800 steps; 300
+# gave 86% and 82%), and to one with every colour swapped only 55%: it does not see colours or
+# shapes (earlier judges trained on swapped colours and shapes too stayed at chance on those,
+# 51-53% after 800 steps, and learned "longer is better" instead).
+JUDGE_STEPS = 800
+
+
+def judge_example(rng):
+    """(objects, description, verdict) for the toy judge: the scene's complete description ("Yes")
+    half the time, else one that names too few objects or one too many ("No"), a quarter each
+    where the scene allows both (a 1-3 object scene, as the open-ended tasks have)."""
+    objects = random_scene(rng, max_objects=3)
+    r = rng.random()
+    if r < 0.5:
+        return objects, describe(objects), "Yes"
+    if len(objects) > 1 and (r < 0.75 or len(objects) == 3):
+        return objects, describe(objects[:rng.randint(1, len(objects) - 1)]), "No"
+    extra = {"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS))}
+    named = list(objects)
+    named.insert(rng.randint(0, len(named)), extra)
+    return objects, describe(named), "No"
+
+
+def train_judge(out_dir, start, steps=JUDGE_STEPS, batch_size=32, lr=1e-3, seed=0):
+    """The toy judge: `start` (the toy policy, which has seen the scenes) fine-tuned to answer
+    JUDGE_PROMPT with Yes or No (cross-entropy on that one next token), AdamW with 5% warmup and
+    cosine decay; the examples are drawn fresh, never from the test split's images."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    import transformers
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from rewards import judge_inputs, judge_token_ids
+    transformers.utils.logging.disable_progress_bar()
+    processor = AutoProcessor.from_pretrained(start)
+    yes, no = judge_token_ids(processor)
+    rng = random.Random(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_pretrained(start, dtype=torch.float32).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        warmup = max(1, steps // 20)
+        for step in range(steps):
+            decay = 0.5 * (1 + math.cos(math.pi * max(0, step - warmup) / (steps - warmup)))
+            for group in optimizer.param_groups:
+                group["lr"] = lr * min((step + 1) / warmup, decay)
+            scenes, answers, verdicts = zip(*(judge_example(rng) for _ in range(batch_size)))
+            inputs = judge_inputs(processor, [draw_scene(o) for o in scenes],
+                                  ["Describe the image."] * batch_size, answers)
+            logits = model(**inputs).logits[:, -1]
+            targets = torch.tensor([yes if v == "Yes" else no for v in verdicts])
+            loss = F.cross_entropy(logits, targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def judge_path(arch="qwen2_5_vl"):
+    """The toy judge (--reward-model toy), trained from the toy policy on first use (cached)."""
+    policy = policy_path(arch)
+    with open(os.path.join(policy, "latest")) as f:  # sft.py's run directory -> its checkpoint
+        start = os.path.join(policy, f.read().strip())
+    return _build_atomically(os.path.join(TOY_DIR, f"judge-{arch}-v{VERSION}"),
+                             lambda out: train_judge(out, start),
+                             f"the toy judge ({JUDGE_STEPS} steps from the toy policy)")
+
+
 def resolve_model(name):
     """'toy' -> the toy policy, 'toy-base' -> the untrained toy model, anything else unchanged."""
     return {"toy": policy_path, "toy-base": base_model_path}.get(name, lambda: name)()
+
+
+def resolve_judge(name):
+    """--reward-model: 'toy' -> the toy judge, anything else unchanged."""
+    return judge_path() if name == "toy" else name
 
 
 def resolve_data(data, image_root, split):

@@ -3,7 +3,8 @@ JUDGE_PROMPT about the image, S = log p("Yes") - log p("No") of its next token. 
 policy serves as the judge (an untrained one: these tests check the mechanics, not its taste):
 S is that difference, batched scores equal one-by-one scores, each distinct answer is scored
 once, a checkpoint no backend can serve is one clear error, and grpo.py trains open-ended
-records with a judge."""
+records with a judge. The toy's own judge (--reward-model toy) is trained on Yes/No verdicts
+about the scenes; with --runslow, the built one is checked to count the objects it sees."""
 import json
 import os
 
@@ -126,3 +127,51 @@ def test_grpo_trains_open_ended_records_with_a_vlm_judge(tmp_path):
     groups = [json.loads(line) for line in open(os.path.join(out, "rollouts.jsonl"))]
     scores = [c["reward"] for g in groups for c in g["completions"]]
     assert scores and all(0.0 <= r <= 1.0 for r in scores)
+
+
+def test_the_toy_judge_learns_yes_for_the_complete_description_only(tmp_path):
+    import random
+    examples = [toy.judge_example(random.Random(seed)) for seed in range(300)]
+    for objects, description, verdict in examples:
+        named = description.count(" a ") + 1  # "A red circle, a blue square and a green one."
+        assert (verdict == "Yes") == (description == toy.describe(objects))
+        assert verdict == "Yes" or named != len(objects)  # too few or too many, never a swap
+    assert 0.4 < sum(v == "Yes" for _, _, v in examples) / 300 < 0.6
+    assert {named > len(o) for o, d, v in examples if v == "No"
+            for named in [d.count(" a ") + 1]} == {True, False}  # both faults occur
+    # a few steps of the real training: a judge load_scorer serves, moved from its start
+    start = plumbing.resolve_checkpoint(toy.resolve_model("toy"))
+    out = str(tmp_path / "judge")
+    toy.train_judge(out, start, steps=3, batch_size=4)
+    judge = rewards.load_scorer(out, device="cpu")
+    policy = rewards.load_scorer(start, device="cpu")
+    assert judge.backend == "judge"
+    moved = [(a - b).abs().max().item() for a, b in
+             zip(judge.model.parameters(), policy.model.parameters())]
+    assert max(moved) > 1e-4
+
+
+@pytest.mark.slow  # builds the toy judge (800 steps, ~5 min on 2 cores); --runslow runs it
+def test_the_toy_judge_counts_the_objects_it_sees():
+    import random
+    judge = rewards.load_scorer(toy.resolve_judge("toy"), device="cpu", batch_size=64)
+    rng = random.Random(12345)  # scenes the judge was not trained on (it drew from seed 0)
+    scenes = [toy.random_scene(rng, max_objects=3) for _ in range(150)]
+    images = [toy.draw_scene(o) for o in scenes]
+    def scores(which, describe):  # the judge's score for each scene `which` of its description
+        return judge.score([images[i] for i in which], [QUESTION] * len(which),
+                           [describe(scenes[i]) for i in which])
+
+    def preferred(which, worse):  # how often the complete description scores above `worse`
+        return sum(c > w for c, w in zip(scores(which, toy.describe), worse)) / len(which)
+    every, several = range(150), [i for i, o in enumerate(scenes) if len(o) > 1]
+    assert preferred(several, scores(several, lambda o: toy.describe(o[:-1]))) > 0.85
+    extra = {"shape": "circle", "colour": "red"}
+    assert preferred(every, scores(every, lambda o: toy.describe(o + [extra]))) > 0.85
+    # it sees the image: the same description scores higher with its own scene than with the next
+    # scene that holds another number of objects
+    other = [next(j % 150 for j in range(i + 1, i + 150) if len(scenes[j % 150]) != len(scenes[i]))
+             for i in every]
+    elsewhere = judge.score([images[j] for j in other], [QUESTION] * 150,
+                            [toy.describe(o) for o in scenes])
+    assert preferred(every, elsewhere) > 0.85
