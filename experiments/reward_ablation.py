@@ -3,11 +3,12 @@ experiments/reward_ablation.py - the paper's reward ablation (its Table 5) on th
 command: which of the mixed reward's verifiers matter.
 
     python experiments/reward_ablation.py           # 3 seeds, 39 min on 2 cores (2 Dec)
+    python experiments/reward_ablation.py --reward-model toy   # and the mixed arm, the toy's judge
     python experiments/reward_ablation.py --quick   # 1 seed, shorter GRPO, <= 5 min
 
 Every arm is GRPO from the toy policy with grpo.py's toy recipe and the same budget:
   mixed        all five verifier kinds, the open-ended one scored by a judge: only with
-               --reward-model (the toy has no judge that sees the image, README "Toy results")
+               --reward-model (toy: the toy's judge, which counts objects; README "Toy results")
   rule         the four rule-based kinds (digit, mcq, math, iou), no open-ended
   rule - X     the rule-based kinds without X's records, for X in digit, math, mcq, iou
   rule, mcq 0  the rule-based kinds, MCQ records kept but their reward 0 (no signal)
@@ -86,7 +87,7 @@ def verdict(out, seeds, mixed=True):
                  + ("holds" if holds else "does not hold"))
     if not mixed:
         lines.append("3. the open-ended reward on top of the rule-based ones is best: not tested "
-                     "(no mixed arm: no judge, --reward-model)")
+                     "(no mixed arm: no judge; --reward-model toy adds it)")
         return "\n".join(lines)
     margin = max(sd["mixed-s{s}"], sd["rule-s{s}"])
     gain = mean["mixed-s{s}"] - mean["rule-s{s}"]
@@ -104,7 +105,7 @@ def report(cfg, out, p):
     mixed = MIXED in runs
     lines = [["toy policy (start)", "-"] + accuracy_cells(out, ["start"]) + [""]]
     if not mixed:
-        lines.append([MIXED[0], "not run: no judge for the open kind (--reward-model)"]
+        lines.append([MIXED[0], "not run: no judge for the open kind (--reward-model toy adds it)"]
                      + [""] * (len(header) - 2))
     for label, pattern, kinds, unrewarded in runs:
         names = [pattern.format(s=s) for s in cfg["seeds"]]
