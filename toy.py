@@ -22,7 +22,10 @@ defaults to `--model toy --data toy`, which resolve to what this file builds:
     <think>/<answer> template but is far from always right - the analogue of the instruct
     checkpoint GRPO starts from. Its SFT answers come from a flawed "teacher" (teacher_flaws):
     loose boxes, an MCQ option's text instead of its letter, counts written as a sum - mistakes
-    the rule-based verifiers catch, as they catch a distilled model's, and GRPO can unlearn.
+    the rule-based verifiers catch, as they catch a distilled model's, and GRPO can unlearn;
+  * the toy *judge* (`--reward-model toy`, built only when asked): the policy fine-tuned to say
+    Yes or No to rewards.JUDGE_PROMPT about a scene's description, the open kind's reward model.
+    It counts the objects it sees, not what they are (README "Toy results").
 
 Everything is cached under $VLAA_TOY_DIR (default out/toy) and rebuilt when missing.
     python toy.py            # build (or reuse) the toy data and policy, print a summary
@@ -664,7 +667,7 @@ def judge_example(rng):
 def train_judge(out_dir, start, steps=JUDGE_STEPS, batch_size=32, lr=1e-3, seed=0):
     """The toy judge: `start` (the toy policy, which has seen the scenes) fine-tuned to answer
     JUDGE_PROMPT with Yes or No (cross-entropy on that one next token), AdamW with 5% warmup and
-    cosine decay; the examples are drawn fresh, never from the test split's images."""
+    cosine decay; the examples are random scenes drawn fresh (seed 0), not records of a split."""
     import math
 
     import torch
