@@ -132,13 +132,14 @@ def test_grpo_trains_open_ended_records_with_a_vlm_judge(tmp_path):
 def test_the_toy_judge_learns_yes_for_the_complete_description_only(tmp_path):
     import random
     examples = [toy.judge_example(random.Random(seed)) for seed in range(300)]
+
+    def named(description):  # "A red circle, a blue square and a green triangle." -> 3
+        return description.count(" a ") + 1
     for objects, description, verdict in examples:
-        named = description.count(" a ") + 1  # "A red circle, a blue square and a green one."
         assert (verdict == "Yes") == (description == toy.describe(objects))
-        assert verdict == "Yes" or named != len(objects)  # too few or too many, never a swap
+        assert verdict == "Yes" or named(description) != len(objects)  # too few or too many
     assert 0.4 < sum(v == "Yes" for _, _, v in examples) / 300 < 0.6
-    assert {named > len(o) for o, d, v in examples if v == "No"
-            for named in [d.count(" a ") + 1]} == {True, False}  # both faults occur
+    assert {named(d) > len(o) for o, d, v in examples if v == "No"} == {True, False}  # both
     # a few steps of the real training: a judge load_scorer serves, moved from its start
     start = plumbing.resolve_checkpoint(toy.resolve_model("toy"))
     out = str(tmp_path / "judge")
