@@ -639,24 +639,39 @@ def policy_path(arch="qwen2_5_vl"):
 
 # The toy judge: the reward model of the open-ended kind ("Describe the image.", asked
 # rewards.JUDGE_PROMPT as any VLM judge is). [ours] What a 0.7M-parameter judge learns in minutes is
-# how many objects the image holds: trained on complete descriptions ("Yes") against ones naming
-# too few objects or one too many ("No"), it prefers the complete description of a held-out scene
-# to one with an object fewer 96% of the time and to one with an object more 97% (800 steps; 300
-# gave 86% and 82%), and to one with every colour swapped only 55%: it does not see colours or
-# shapes (earlier judges trained on swapped colours and shapes too stayed at chance on those,
-# 51-53% after 800 steps, and learned "longer is better" instead).
+# how many objects the image holds, and the describe task's form: trained on complete descriptions
+# ("Yes") against ones naming too few objects, one too many, or with stray words ("No"), it prefers
+# the complete description of a held-out scene to one with an object fewer 97% of the time, one
+# with an object more 99%, the same with stray shape or colour words 100% (800 steps, 5 min on one
+# core), and to one with every colour swapped only 53%: it does not see colours or shapes (judges
+# trained on swapped colours and shapes too stayed at chance on those, 51-53% after 800 steps, and
+# learned "longer is better" instead). The stray words are there because a judge trained on counts
+# alone was gamed by them ("A red triangle and a red circle triangle square." scored 1.0).
 JUDGE_STEPS = 800
+JUDGE_VERSION = 2  # its own cache key: a change to the judge's recipe does not rebuild the policy
+
+
+def garble(description, rng):
+    """The description with one or two stray shape or colour words put in after its first word
+    ('A red triangle circle.'): the form the policy found to game a judge that only counted."""
+    words = description[:-1].split()
+    for _ in range(rng.randint(1, 2)):
+        words.insert(rng.randint(1, len(words)), rng.choice([*SHAPES, *COLOURS]))
+    return " ".join(words) + "."
 
 
 def judge_example(rng):
     """(objects, description, verdict) for the toy judge: the scene's complete description ("Yes")
-    half the time, else one that names too few objects or one too many ("No"), a quarter each
-    where the scene allows both (a 1-3 object scene, as the open-ended tasks have)."""
+    half the time; else ("No") one that names too few objects or one too many (15% each where
+    the scene allows both: a 1-3 object scene, as the open-ended tasks have), or one with stray
+    words (20%)."""
     objects = random_scene(rng, max_objects=3)
     r = rng.random()
     if r < 0.5:
         return objects, describe(objects), "Yes"
-    if len(objects) > 1 and (r < 0.75 or len(objects) == 3):
+    if r >= 0.8:
+        return objects, garble(describe(objects), rng), "No"
+    if len(objects) > 1 and (r < 0.65 or len(objects) == 3):
         return objects, describe(objects[:rng.randint(1, len(objects) - 1)]), "No"
     extra = {"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS))}
     named = list(objects)
@@ -708,7 +723,7 @@ def judge_path(arch="qwen2_5_vl"):
     policy = policy_path(arch)
     with open(os.path.join(policy, "latest")) as f:  # sft.py's run directory -> its checkpoint
         start = os.path.join(policy, f.read().strip())
-    return _build_atomically(os.path.join(TOY_DIR, f"judge-{arch}-v{VERSION}"),
+    return _build_atomically(os.path.join(TOY_DIR, f"judge-{arch}-v{VERSION}.{JUDGE_VERSION}"),
                              lambda out: train_judge(out, start),
                              f"the toy judge ({JUDGE_STEPS} steps from the toy policy)")
 

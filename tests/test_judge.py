@@ -7,6 +7,7 @@ records with a judge. The toy's own judge (--reward-model toy) is trained on Yes
 about the scenes; with --runslow, the built one is checked to count the objects it sees."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -135,11 +136,18 @@ def test_the_toy_judge_learns_yes_for_the_complete_description_only(tmp_path):
 
     def named(description):  # "A red circle, a blue square and a green triangle." -> 3
         return description.count(" a ") + 1
+    item = f"a ({'|'.join(toy.COLOURS)}) ({'|'.join(toy.SHAPES)})"
+
+    def fault(objects, description):  # what is wrong with a description of these objects
+        if not re.fullmatch(f"{item}((, {item})* and {item})?\\.", description, re.IGNORECASE):
+            return "stray words" if named(description) == len(objects) else "?"
+        return {-1: "too few", 0: None, 1: "too many"}[(named(description) > len(objects))
+                                                      - (named(description) < len(objects))]
     for objects, description, verdict in examples:
         assert (verdict == "Yes") == (description == toy.describe(objects))
-        assert verdict == "Yes" or named(description) != len(objects)  # too few or too many
+        assert (verdict == "Yes") == (fault(objects, description) is None)
     assert 0.4 < sum(v == "Yes" for _, _, v in examples) / 300 < 0.6
-    assert {named(d) > len(o) for o, d, v in examples if v == "No"} == {True, False}  # both
+    assert {fault(o, d) for o, d, v in examples if v == "No"} == {"too few", "too many", "stray words"}
     # a few steps of the real training: a judge load_scorer serves, moved from its start
     start = plumbing.resolve_checkpoint(toy.resolve_model("toy"))
     out = str(tmp_path / "judge")
@@ -169,6 +177,8 @@ def test_the_toy_judge_counts_the_objects_it_sees():
     assert preferred(several, scores(several, lambda o: toy.describe(o[:-1]))) > 0.85
     extra = {"shape": "circle", "colour": "red"}
     assert preferred(every, scores(every, lambda o: toy.describe(o + [extra]))) > 0.85
+    stray = random.Random(7)  # the right objects and stray words: what gamed a judge that counted
+    assert preferred(every, scores(every, lambda o: toy.garble(toy.describe(o), stray))) > 0.85
     # it sees the image: the same description scores higher with its own scene than with the next
     # scene that holds another number of objects
     other = [next(j % 150 for j in range(i + 1, i + 150) if len(scenes[j % 150]) != len(scenes[i]))
