@@ -33,6 +33,7 @@ Everything is cached under $VLAA_TOY_DIR (default out/toy) and rebuilt when miss
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -640,38 +641,62 @@ def policy_path(arch="qwen2_5_vl"):
 # The toy judge: the reward model of the open-ended kind ("Describe the image.", asked
 # rewards.JUDGE_PROMPT as any VLM judge is). [ours] What a 0.7M-parameter judge learns in minutes is
 # how many objects the image holds, and the describe task's form: trained on complete descriptions
-# ("Yes") against ones naming too few objects, one too many, or with stray words ("No"), it prefers
-# the complete description of a held-out scene to one with an object fewer 97% of the time, one
-# with an object more 99%, the same with stray shape or colour words 100% (800 steps, 5 min on one
-# core), and to one with every colour swapped only 53%: it does not see colours or shapes (judges
-# trained on swapped colours and shapes too stayed at chance on those, 51-53% after 800 steps, and
-# learned "longer is better" instead). The stray words are there because a judge trained on counts
-# alone was gamed by them ("A red triangle and a red circle triangle square." scored 1.0).
+# ("Yes") against ones naming too few objects, one too many, or the right ones ill-formed ("No"), it
+# prefers the complete description of a held-out scene to one with an object fewer 100% of the
+# time, one with an object more 100%, an ill-formed one 99.5% (800 steps, 288 s on one core), and
+# to one with every colour swapped only 57%: it does not see colours or shapes (judges trained on
+# swapped colours and shapes too stayed at chance on those, 51-53% after 800 steps, and learned
+# "longer is better" instead). The ill-formed ones are there because GRPO gamed each judge trained
+# without them: "A red triangle and a red circle triangle square." (stray words), then "A green
+# triangle and a green square and a green triangle." (other joiners), then "A blue square and a
+# yellow." (a word left out) scored ~1.0.
 JUDGE_STEPS = 800
-JUDGE_VERSION = 2  # its own cache key: a change to the judge's recipe does not rebuild the policy
+JUDGE_VERSION = 4  # its own cache key: a change to the judge's recipe does not rebuild the policy
 
 
-def garble(description, rng):
-    """The description with one or two stray shape or colour words put in after its first word
-    ('A red triangle circle.'): the form the policy found to game a judge that only counted."""
-    words = description[:-1].split()
-    for _ in range(rng.randint(1, 2)):
-        words.insert(rng.randint(1, len(words)), rng.choice([*SHAPES, *COLOURS]))
-    return " ".join(words) + "."
+# describe()'s form: "A red circle, a blue square and a green triangle."
+_NAME = f"a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+WELL_FORMED = re.compile(f"{_NAME}((, {_NAME})* and {_NAME})?\\.", re.IGNORECASE)
+
+
+def garble(objects, rng):
+    """The right objects in a form describe() never writes (WELL_FORMED does not match): other
+    joiners ('A red circle and a blue square and a green triangle.'), or a word or two put in, left
+    out or changed ('A red triangle circle.', 'A red circle and a blue.'), half each where there
+    are joiners - the forms GRPO found to game judges that only counted."""
+    names = [f"a {o['colour']} {o['shape']}" for o in objects]
+    right = [", "] * (len(names) - 2) + [" and "]
+    while True:
+        if len(names) > 1 and rng.random() < 0.5:
+            joins = [rng.choice([", ", " and ", " "]) for _ in names[1:]]
+            text = names[0] + "".join(j + n for j, n in zip(joins, names[1:]))
+        else:
+            words = describe(objects)[:-1].split()
+            for _ in range(rng.randint(1, 2)):
+                edit, i = rng.choice(("in", "out", "changed")), rng.randint(1, len(words))
+                word = rng.choice([*SHAPES, *COLOURS, "a", "and"])
+                if edit == "in":
+                    words.insert(i, word)
+                elif i < len(words):  # the first word stays
+                    words[i:i + 1] = [] if edit == "out" else [word]
+            text = " ".join(words)
+        text = text[0].upper() + text[1:] + "."
+        if not WELL_FORMED.fullmatch(text):
+            return text
 
 
 def judge_example(rng):
     """(objects, description, verdict) for the toy judge: the scene's complete description ("Yes")
-    half the time; else ("No") one that names too few objects or one too many (15% each where
-    the scene allows both: a 1-3 object scene, as the open-ended tasks have), or one with stray
-    words (20%)."""
+    half the time; else ("No") one that names too few objects or one too many (10% each where
+    the scene allows both: a 1-3 object scene, as the open-ended tasks have), or the right objects
+    in a form describe() never writes (30%: garble)."""
     objects = random_scene(rng, max_objects=3)
     r = rng.random()
     if r < 0.5:
         return objects, describe(objects), "Yes"
-    if r >= 0.8:
-        return objects, garble(describe(objects), rng), "No"
-    if len(objects) > 1 and (r < 0.65 or len(objects) == 3):
+    if r >= 0.7:
+        return objects, garble(objects, rng), "No"
+    if len(objects) > 1 and (r < 0.6 or len(objects) == 3):
         return objects, describe(objects[:rng.randint(1, len(objects) - 1)]), "No"
     extra = {"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS))}
     named = list(objects)
