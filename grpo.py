@@ -45,17 +45,18 @@ PAPER = dict(num_generations=4, temperature=0.8, rollout_batch_size=512,
              train_batch_size=256, micro_batch_size=4, lr=5e-6, min_lr=5e-7,
              kl_coef=1e-3, kl_target=5e-4, max_new_tokens=1024, max_steps=None,
              max_pixels=data.MAX_PIXELS, freeze_vision=True, eval_data=None,
-             kinds=None, eval_max_new_tokens=data.EVAL_MAX_NEW_TOKENS)
+             kinds=None, eval_max_new_tokens=data.EVAL_MAX_NEW_TOKENS, reward_model=None)
 # Toy [ours, tuned on 2 CPU cores; README "Toy results"]: 8 prompts x G=8,
 # one on-policy update per step (micro-batch: the rank's whole batch), no KL,
-# the vision tower trained, the four rule-scored kinds (the open kind needs a
-# judge: --reward-model), 24 new tokens (a box answer needs ~20), LR 2e-4
+# the vision tower trained, all five kinds (the open one scored by the toy's
+# judge, built once), 24 new tokens (a box answer needs ~20), LR 2e-4
 # (README "Toy results": 1e-4 and 3e-4 each left some kind flat on some seed).
 TOY = dict(num_generations=8, temperature=0.8, rollout_batch_size=8,
            train_batch_size=64, micro_batch_size=None, lr=2e-4, min_lr=2e-5,
            kl_coef=0.0, kl_target=None, max_new_tokens=24, max_steps=400,
            max_pixels=None, freeze_vision=False, eval_data="toy",
-           kinds="digit,mcq,math,iou", eval_max_new_tokens=toy.EVAL_MAX_NEW_TOKENS)
+           kinds="digit,mcq,math,iou,open", eval_max_new_tokens=toy.EVAL_MAX_NEW_TOKENS,
+           reward_model="toy")
 
 
 def preset(key):

@@ -125,7 +125,7 @@ def grpo_flags(p, preset):
     a("--reward-model", help="open-ended scorer: any VLM as a judge (rewards.JUDGE_PROMPT; "
       "not in the paper; 'toy': the toy's judge, which counts objects), "
       "internlm/internlm-xcomposer2d5-7b-reward (the paper's; needs --trust-remote-code) or a "
-      "sequence classifier")
+      "sequence classifier" + preset("reward_model"))
     a("--reward-beta", type=float, default=rewards.OPEN_BETA,
       help="beta of the open-ended reward (not in the paper)")
     # the algorithm

@@ -41,10 +41,13 @@ def sft_cmd(run_dir, seed, style, n_records):
 
 
 def grpo_cmd(run_dir, seed, start, steps, *flags):
-    """grpo.py's toy recipe (the default on --data toy, from whatever checkpoint) with the
-    protocol's budget and `flags`; no held-out eval inside: eval.py scores every run alike."""
+    """grpo.py's toy recipe (the default on --data toy, from whatever checkpoint) on the four
+    rule-scored kinds (the experiments' protocols were written and run before the default run
+    added the open kind; `flags` may set --kinds again) with the protocol's budget and `flags`;
+    no held-out eval inside: eval.py scores every run alike."""
     return [PY, "grpo.py", "--model", start, "--max-steps", str(steps), "--eval-data", "",
-            "--seed", str(seed), "--output-dir", run_dir, "--save-every", "25", "--quiet", *flags]
+            "--seed", str(seed), "--output-dir", run_dir, "--save-every", "25", "--quiet",
+            "--kinds", ",".join(RULE_KINDS), *flags]
 
 
 def eval_cmd(label, model, out_dir, limit=None):

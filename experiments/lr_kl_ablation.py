@@ -5,8 +5,8 @@ command: what the LR schedule and the KL term do.
     python experiments/lr_kl_ablation.py            # 3 seeds, 40 min on 2 cores (2 Dec)
     python experiments/lr_kl_ablation.py --quick    # 1 seed, shorter GRPO, <= 5 min
 
-Every arm is GRPO from the toy policy with grpo.py's toy recipe (its peak LR, batch, G, kinds)
-and the same budget; they differ in the LR floor and warmup and in the KL term:
+Every arm is GRPO from the toy policy with grpo.py's toy recipe (its peak LR, batch, G) on the four
+rule-scored kinds and the same budget; they differ in the LR floor and warmup and in the KL term:
   basic   the paper's weakest: no KL term (so no reference model), the LR decays to 0
   LR1     the paper's LR1: floor 8e-7 of the peak 5e-6 (a ratio of 0.16), 10% warmup
   LR2     the paper's LR2: floor 5e-7 (a ratio of 0.1), 3% warmup

@@ -27,9 +27,12 @@ def test_every_grpo_arm_gets_the_toy_recipe():
         cmd = harness.grpo_cmd("out/x", 1, start, 7, "--max-new-tokens", "64")
         args = grpo.parse_args(cmd[2:])
         for key, value in grpo.TOY.items():
-            if key not in ("max_steps", "eval_data", "max_new_tokens"):
+            if key not in ("max_steps", "eval_data", "max_new_tokens", "kinds"):
                 assert getattr(args, key) == value, (start, key)
         assert (args.max_steps, args.max_new_tokens, args.seed, args.eval_data, args.model) == (7, 64, 1, "", start)
+        assert args.kinds == "digit,mcq,math,iou"  # the protocols' kinds, not the default run's five
+    later = grpo.parse_args(harness.grpo_cmd("out/x", 1, "toy", 7, "--kinds", "digit,math")[2:])
+    assert later.kinds == "digit,math"  # an arm's own --kinds wins
 
 
 def run(out):

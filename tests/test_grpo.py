@@ -413,9 +413,10 @@ def test_optimise_applies_the_gradient_of_the_whole_batch_loss_for_each_aggregat
 
 # ---------------------------------------------------------------------------- whole runs on the toy
 
+# the four rule-scored kinds: the open kind's judge is built and tested in tests/test_judge.py
 GRPO_SMALL = ["--model", "toy-base", "--rollout-batch-size", "4", "-G", "4", "--train-batch-size", "8",
               "--micro-batch-size", "4", "--max-new-tokens", "12", "--eval-data", "", "--quiet",
-              "--kl-coef", "0.01", "--lr", "1e-3"]
+              "--kl-coef", "0.01", "--lr", "1e-3", "--kinds", "digit,mcq,math,iou"]
 
 REQUIRED = {"step", "reward_mean", "reward_std", "frac_well_formed", "frac_truncated", "frac_zero_std",
             "response_length_mean", "kl", "kl_coef", "loss", "clip_frac", "grad_norm", "lr", "skipped_updates",
@@ -822,5 +823,7 @@ def test_toy_goal(tmp_path):
     assert s["reward_mean_last_10pct"] - s["reward_mean_first_10pct"] >= 0.1
     assert s["eval_end"]["all"] - s["eval_start"]["all"] >= 0.1
     assert sum(s["eval_end"][k] - s["eval_start"][k] >= 0.05 for k in ("digit", "mcq", "math", "iou")) >= 3
+    first, last = s["reward_by_kind_first_last_10pct"]["open"]  # scored by the toy's judge
+    assert last - first >= 0.05
     seen, blank = mcq_with_and_without_images(plumbing.resolve_checkpoint(out), tmp_path)
     assert seen - blank >= 0.1, (seen, blank)
