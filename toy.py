@@ -23,9 +23,10 @@ defaults to `--model toy --data toy`, which resolve to what this file builds:
     checkpoint GRPO starts from. Its SFT answers come from a flawed "teacher" (teacher_flaws):
     loose boxes, an MCQ option's text instead of its letter, counts written as a sum - mistakes
     the rule-based verifiers catch, as they catch a distilled model's, and GRPO can unlearn;
-  * the toy *judge* (`--reward-model toy`, built only when asked): the policy fine-tuned to say
-    Yes or No to rewards.JUDGE_PROMPT about a scene's description, the open kind's reward model.
-    It counts the objects it sees, not what they are (README "Toy results").
+  * the toy *judge* (`--reward-model toy`, grpo.py's toy default; built the first time open-ended
+    records are trained): the policy fine-tuned to say Yes or No to rewards.JUDGE_PROMPT about a
+    scene's description, the open kind's reward model. It counts the objects it sees and refuses
+    ill-formed descriptions, but does not see what the objects are (README "Toy results").
 
 Everything is cached under $VLAA_TOY_DIR (default out/toy) and rebuilt when missing.
     python toy.py            # build (or reuse) the toy data and policy, print a summary
