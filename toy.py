@@ -666,7 +666,6 @@ def garble(objects, rng):
     out or changed ('A red triangle circle.', 'A red circle and a blue.'), half each where there
     are joiners - the forms GRPO found to game judges that only counted."""
     names = [f"a {o['colour']} {o['shape']}" for o in objects]
-    right = [", "] * (len(names) - 2) + [" and "]
     while True:
         if len(names) > 1 and rng.random() < 0.5:
             joins = [rng.choice([", ", " and ", " "]) for _ in names[1:]]
