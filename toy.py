@@ -720,6 +720,10 @@ def train_judge(out_dir, start, steps=JUDGE_STEPS, batch_size=32, lr=1e-3, seed=
     processor = AutoProcessor.from_pretrained(start)
     yes, no = judge_token_ids(processor)
     rng = random.Random(seed)
+    threads = torch.get_num_threads()
+    # One thread, whatever the caller's: the judge's counting emerges late in its 800 steps, and a
+    # build on two threads (float sums in another order) ended without it (README "Toy results").
+    torch.set_num_threads(1)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_pretrained(start, dtype=torch.float32).train()
@@ -739,6 +743,7 @@ def train_judge(out_dir, start, steps=JUDGE_STEPS, batch_size=32, lr=1e-3, seed=
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad()
+    torch.set_num_threads(threads)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
 
