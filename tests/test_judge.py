@@ -7,7 +7,6 @@ records with a judge. The toy's own judge (--reward-model toy) is trained on Yes
 about the scenes; with --runslow, the built one is checked to count the objects it sees."""
 import json
 import os
-import re
 
 import pytest
 import torch
@@ -136,10 +135,8 @@ def test_the_toy_judge_learns_yes_for_the_complete_description_only(tmp_path):
 
     def named(description):  # "A red circle, a blue square and a green triangle." -> 3
         return description.count(" a ") + 1
-    item = f"a ({'|'.join(toy.COLOURS)}) ({'|'.join(toy.SHAPES)})"
-
     def fault(objects, description):  # what is wrong with a description of these objects
-        if not re.fullmatch(f"{item}((, {item})* and {item})?\\.", description, re.IGNORECASE):
+        if not toy.WELL_FORMED.fullmatch(description):
             return "ill-formed"
         return {-1: "too few", 0: None, 1: "too many"}[(named(description) > len(objects))
                                                       - (named(description) < len(objects))]
