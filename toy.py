@@ -550,9 +550,23 @@ def _mark_done(path):
 
 def _build_atomically(path, build, what):
     """Build into path.tmp, then rename: a kill mid-build never leaves a half-built cache.
-    Says one line."""
+    Says one line. Processes that ask at once (the test suite's workers, two scripts) build it
+    once: the others wait on a lock file beside it, then use that build."""
     if _ready(path):
         return path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        try:
+            import fcntl  # POSIX; elsewhere each process builds its own copy, the first kept
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        except ImportError:
+            pass
+        if not _ready(path):
+            _build(path, build, what)
+    return path
+
+
+def _build(path, build, what):
     tmp = path + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -566,7 +580,6 @@ def _build_atomically(path, build, what):
         os.replace(tmp, path)
     else:
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def data_dir():

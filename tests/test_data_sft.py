@@ -37,6 +37,26 @@ def test_toy_data_is_deterministic_and_in_the_vlaa_schema(tmp_path):
     assert sum(len(r["answer_pseudo"]) for r in records) > 3 * sum(len(r["answer"]) for r in records)
 
 
+def test_a_toy_cache_asked_for_by_two_processes_at_once_is_built_once(tmp_path):
+    """The suite's workers, or three seeds started together on a fresh clone, all ask for the toy
+    policy: one builds it, the others wait for it and use it (no second build, no half-built copy)."""
+    path, log = tmp_path / "cache", tmp_path / "builds.txt"
+    code = ("import os, sys, time, toy\n"
+            "def build(out):\n"
+            "    open(sys.argv[2], 'a').write(str(os.getpid()) + '\\n')\n"
+            "    time.sleep(2)\n"
+            "    open(os.path.join(out, 'x'), 'w').write('built')\n"
+            "print(toy._build_atomically(sys.argv[1], build, 'a test cache'))\n")
+    cmd = [sys.executable, "-c", code, str(path), str(log)]
+    procs = [subprocess.Popen(cmd, cwd=os.path.dirname(toy.__file__), stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert len(log.read_text().split()) == 1  # one build
+    assert all(out.strip().endswith(str(path)) for out in outs)
+    assert (path / "x").read_text() == "built" and sorted(os.listdir(tmp_path)) == ["builds.txt", "cache", "cache.lock"]
+
+
 def test_toy_answers_are_correct_under_the_reward():
     """The concise SFT traces are right answers: every verifier gives them full reward."""
     import rewards
