@@ -550,8 +550,8 @@ def _mark_done(path):
 
 def _build_atomically(path, build, what):
     """Build into path.tmp, then rename: a kill mid-build never leaves a half-built cache.
-    Says one line. Processes that ask at once (the test suite's workers, two scripts) build it
-    once: the others wait on a lock file beside it, then use that build."""
+    Says one line. Processes that ask at once (three seeds started together on a fresh clone)
+    build it once: the others wait on a lock file beside it, then use that build."""
     if _ready(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -575,7 +575,7 @@ def _build(path, build, what):
     build(tmp)
     print(f"done in {time.time() - start:.0f} s", flush=True)
     _mark_done(tmp)
-    if not _ready(path):  # another process may have finished first
+    if not _ready(path):  # without fcntl another process may have finished first
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     else:

@@ -38,8 +38,8 @@ def test_toy_data_is_deterministic_and_in_the_vlaa_schema(tmp_path):
 
 
 def test_a_toy_cache_asked_for_by_two_processes_at_once_is_built_once(tmp_path):
-    """The suite's workers, or three seeds started together on a fresh clone, all ask for the toy
-    policy: one builds it, the others wait for it and use it (no second build, no half-built copy)."""
+    """Three seeds started together on a fresh clone all ask for the toy policy: one builds it, the
+    others wait for it and use it (no second build, no half-built copy)."""
     path, log = tmp_path / "cache", tmp_path / "builds.txt"
     code = ("import os, sys, time, toy\n"
             "def build(out):\n"
@@ -54,7 +54,8 @@ def test_a_toy_cache_asked_for_by_two_processes_at_once_is_built_once(tmp_path):
     assert all(p.returncode == 0 for p in procs)
     assert len(log.read_text().split()) == 1  # one build
     assert all(out.strip().endswith(str(path)) for out in outs)
-    assert (path / "x").read_text() == "built" and sorted(os.listdir(tmp_path)) == ["builds.txt", "cache", "cache.lock"]
+    assert (path / "x").read_text() == "built"
+    assert sorted(os.listdir(tmp_path)) == ["builds.txt", "cache", "cache.lock"]
 
 
 def test_toy_answers_are_correct_under_the_reward():
