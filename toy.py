@@ -643,10 +643,9 @@ def policy_path(arch="qwen2_5_vl"):
     def build(out):
         env = {k: v for k, v in os.environ.items()
                if k not in DIST_ENV and not k.startswith("ACCELERATE_")}
-        # Two threads, whatever the caller's: float sums in another order give other weights
-        # (a policy built on one thread has the same accuracy, but the judge trained from it did
-        # not learn to count), so the toy is the same policy on any machine with this CPU's
-        # instruction set, and on CI's one-thread runs.
+        # Two threads, whatever the caller's: on one CPU a build on one thread (CI's) had other
+        # weights, and the judge trained from it did not learn to count (README "Toy results").
+        # (On another CPU the toy is another toy, whatever the threads.)
         env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="2",
                    MKL_NUM_THREADS="2")
         here = os.path.dirname(os.path.abspath(__file__))
