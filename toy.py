@@ -10,7 +10,7 @@ defaults to `--model toy --data toy`, which resolve to what this file builds:
         digit  "Subtract all red objects. How many objects are left?"  (CLEVR-Math style; and a
                two-image form: "How many objects are there in the two images together?")
         mcq    "What colour is the leftmost object?\nChoices: C. green A. red ..." (GeoQA style)
-        math   "Let n be the number of objects. What is n/2?"           (Math PUMA style)
+        math   "Let n be the number of objects. What is n/2? Give it as a fraction." (Math PUMA)
         iou    "...bounding box of: the blue object."                   (LLaVA-CoT grounding)
         open   "Describe the image." + a reference description          (ALLaVA style)
     with splits sft / rl / test, and SFT traces in two styles: "concise" reasoning and
@@ -21,8 +21,9 @@ defaults to `--model toy --data toy`, which resolve to what this file builds:
   * the toy *policy*: that model SFT-ed by sft.py on concise answers, so it follows the
     <think>/<answer> template but is far from always right - the analogue of the instruct
     checkpoint GRPO starts from. Its SFT answers come from a flawed "teacher" (teacher_flaws):
-    loose boxes, an MCQ option's text instead of its letter, counts written as a sum - mistakes
-    the rule-based verifiers catch, as they catch a distilled model's, and GRPO can unlearn;
+    loose boxes, an MCQ option's text instead of its letter, counts written as a sum, a count not
+    halved - mistakes the rule-based verifiers catch, as they catch a distilled model's, and GRPO
+    can unlearn;
   * the toy *judge* (`--reward-model toy`, grpo.py's toy default; built the first time open-ended
     records are trained): the policy fine-tuned to say Yes or No to rewards.JUDGE_PROMPT about a
     scene's description, the open kind's reward model. It counts the objects it sees and refuses
@@ -44,7 +45,7 @@ from typing import NamedTuple
 from PIL import Image, ImageDraw
 
 TOY_DIR = os.environ.get("VLAA_TOY_DIR", os.path.join("out", "toy"))
-VERSION = 8  # bump when the toy world or model changes; invalidates the cache
+VERSION = 9  # bump when the toy world or model changes; invalidates the cache
 
 IMAGE_SIZE = 112  # 112x112 -> 8x8 patches of 14 -> 16 image tokens after the 2x2 merge
 GRID = 4  # objects are placed on a 4x4 grid of cells, one vision token each
@@ -201,10 +202,10 @@ def make_task(rng, objects, kind):
                                ["1", "2", "3", "4"], f"I count them: {count_phrase(n, 'object')}.",
                                "I need to count all the objects.")
     if kind == "math":  # Math PUMA style: the number comes from the picture, Math-Verify checks it
-        value = f"\\frac{{{n}}}{{2}}" if n % 2 else str(n // 2)
+        value = f"\\frac{{{n}}}{{2}}"  # one form for every count; why: teacher_flaws
         plan = "I need to count the objects and halve the count."
         return Task("Let n be the number of objects in the image. What is n/2? "
-                    "Give the simplest form.",
+                    "Give it as a fraction.",
                     value, value, plan, plan, [f"I count them: n = {n}.", f"So n/2 = {value}."])
     if kind == "iou":  # LLaVA-CoT grounding
         if n > MAX_IOU_OBJECTS:
@@ -243,9 +244,12 @@ def teacher_flaws(rng, task, kind):
     """The flaws of the SFT split's concise answers (the distilled teacher's), each one a mistake a
     rule-based verifier rejects and GRPO can unlearn: every box 4 px too loose (IoU ~0.5), half the
     MCQ answers the option's text instead of its letter, half the subtraction and two-image counts
-    written as the sum ("3 + 2 = 5": more than one number). The pseudo traces keep the right
-    answers. not from the paper: without these the toy policy's greedy answers were already what
-    its samples' best were, and GRPO moved the held-out mcq and iou by ~0 (README "Toy results")."""
+    written as the sum ("3 + 2 = 5": more than one number), half the math answers the count, not
+    halved. The pseudo traces keep the right answers. not from the paper: without these the toy
+    policy's greedy answers were already what its samples' best were, and GRPO moved the held-out
+    mcq and iou by ~0 (README "Toy results"). Math asks for one form, \\frac{n}{2} for every
+    count: when it asked for the simplest form (2 for four objects, 5/2 for five), GRPO on one
+    machine settled on k/2 for every count and lost the four-object items (README)."""
     if kind == "iou":
         x1, y1, x2, y2 = (round(v * IMAGE_SIZE) for v in task.gt)
         box = [max(0, x1 - 4), max(0, y1 - 4), min(IMAGE_SIZE, x2 + 4), min(IMAGE_SIZE, y2 + 4)]
@@ -253,6 +257,8 @@ def teacher_flaws(rng, task, kind):
     if kind == "mcq" and rng.random() < 0.5:
         text = task.question.split(f"{task.answer}. ")[1].split(" ")[0]
         return task._replace(answer=text)
+    if kind == "math" and rng.random() < 0.5:
+        return task._replace(answer=task.facts[0].split("n = ")[1][:-1])  # the count, not halved
     if kind == "digit" and task.facts[-1].startswith("So ") and rng.random() < 0.5:
         return task._replace(answer=task.facts[-1][3:-1])  # the sum itself: "3 + 2 = 5"
     return task
