@@ -818,9 +818,9 @@ def test_toy_goal(tmp_path):
     """The toy goal: python grpo.py with no flags learns every kind (README "Toy results", toy v9 on
     one machine: held-out +0.25 on each of seeds 0-2, each rule-scored kind +0.07 to +0.50; the
     open kind's training reward, scored by the toy's judge, +0.055 / +0.103 / -0.107 on one thread,
-    +0.036 for this run, seed 0 on two), and its MCQ
-    answers look at the image: blank images lower them (measured after this run, 96 items: 0.51 with
-    the images, 0.25 without; the toy policy's 0.09 and 0.00). Not in CI (~5-10 min and the judge's build); CI runs
+    +0.036 for this run, seed 0 on two), and its MCQ answers look at the image: blank images lower
+    them (measured after this run, 96 items: 0.51 with the images, 0.25 without; the toy policy's
+    0.09 and 0.00). Not in CI (~5-10 min and the judge's build); CI runs
     test_toy_recipe_learns_the_prompts_it_trains_on instead."""
     out = str(tmp_path / "toy")
     grpo.main(["--output-dir", out, "--quiet", "--save-every", "0"])
