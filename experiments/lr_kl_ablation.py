@@ -2,7 +2,7 @@
 experiments/lr_kl_ablation.py - the paper's LR and KL ablation (its Table 6) on the toy, in one
 command: what the LR schedule and the KL term do.
 
-    python experiments/lr_kl_ablation.py            # 3 seeds, 40 min on 2 cores (2 Dec)
+    python experiments/lr_kl_ablation.py            # 3 seeds, 18 min on 2 cores (3 Dec, toy v9)
     python experiments/lr_kl_ablation.py --quick    # 1 seed, shorter GRPO, <= 5 min
 
 Every arm is GRPO from the toy policy with grpo.py's toy recipe (its peak LR, batch, G) on the four

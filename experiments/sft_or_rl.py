@@ -3,7 +3,7 @@ experiments/sft_or_rl.py - the paper's headline comparison on the toy, in one co
 against SFT on R1-style traces before GRPO (its Figure 5), and more SFT data against less (its
 Figure 3), over seeds, on a laptop CPU.
 
-    python experiments/sft_or_rl.py                 # 3 seeds, ~38 min on 2 quiet cores (estimate)
+    python experiments/sft_or_rl.py                 # 3 seeds, 32 min on 2 cores (2 Dec, toy v9)
     python experiments/sft_or_rl.py --quick         # 1 seed, shorter GRPO, <= 5 min
 
 Every arm starts from the toy policy; the GRPO arms get the same budget:
