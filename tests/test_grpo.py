@@ -787,6 +787,24 @@ def mcq_with_and_without_images(model_dir, tmp_path, n=96):
     return accuracy
 
 
+def test_toy_rl_open_records_leave_the_reference_something_to_beat(tmp_path):
+    """The paper's open reward pays only for beating the reference, and the toy's reference names one
+    object: so RL's open records show 2 or 3 objects (on a one-object scene every answer scored ~0,
+    README "Why v10 drops..."), dropped after the random draws, so the RL split's other records are
+    those the same seed drew before; SFT keeps its one-object descriptions."""
+    rl = toy.make_records("rl", 400, toy.SPLIT_SEEDS["rl"], str(tmp_path / "rl"))
+    sft = toy.make_records("sft", 200, toy.SPLIT_SEEDS["sft"], str(tmp_path / "sft"))
+    scenes = [r["meta"]["objects"] for r in rl if r["verifier_type"] == "open"]
+    assert scenes and all(len(o) in (2, 3) for o in scenes)
+    assert all(r["gt"] == toy.describe(r["meta"]["objects"][:1])
+               for r in rl if r["verifier_type"] == "open")
+    assert any(len(r["meta"]["objects"]) == 1 for r in sft if r["verifier_type"] == "open")
+    assert len(rl) < 400 and [int(r["id"][-5:]) for r in rl] == sorted({int(r["id"][-5:]) for r in rl})
+    written = {p.name for p in (tmp_path / "rl" / "rl").iterdir()}
+    assert written == {os.path.basename(i) for r in rl for i in
+                       ([r["image"]] if isinstance(r["image"], str) else r["image"])}
+
+
 def test_toy_mcq_answers_are_not_in_the_text_and_the_toy_policy_writes_boxes():
     """The toy's MCQ answer cannot be read off the question: its options come in a random order, each
     keeping its letter, so the same question text has different answers (the best any text-only rule
@@ -815,12 +833,12 @@ def test_toy_mcq_answers_are_not_in_the_text_and_the_toy_policy_writes_boxes():
 
 @pytest.mark.slow
 def test_toy_goal(tmp_path):
-    """The toy goal: python grpo.py with no flags learns every kind (README "Toy results", toy v9 on
-    one machine: held-out +0.25 on each of seeds 0-2, each rule-scored kind +0.07 to +0.50; the
-    open kind's training reward, scored by the toy's judge, +0.055 / +0.103 / -0.107 on one thread,
-    +0.036 for this run, seed 0 on two), and its MCQ answers look at the image: blank images lower
-    them (measured after this run, 96 items: 0.51 with the images, 0.25 without; the toy policy's
-    0.09 and 0.00). Not in CI (~5-10 min and the judge's build); CI runs
+    """The toy goal: python grpo.py with no flags learns every kind (README "Toy results", toy v10
+    on one machine: held-out +0.21 to +0.23 on seeds 0-2, each rule-scored kind +0.05 to +0.42; the
+    open kind's training reward, scored by the toy's judge, +0.100 / +0.064 / +0.186 on one thread,
+    +0.113 for this run, seed 0 on two, whose IoU gains +0.048: hence three kinds of four), and its
+    MCQ answers look at the image: blank images lower them (measured after this run, 96 items: 0.60
+    with the images, 0.22 without; the toy policy's 0.09 and 0.00). Not in CI (~5-10 min and the judge's build); CI runs
     test_toy_recipe_learns_the_prompts_it_trains_on instead."""
     out = str(tmp_path / "toy")
     grpo.main(["--output-dir", out, "--quiet", "--save-every", "0"])
@@ -829,7 +847,6 @@ def test_toy_goal(tmp_path):
     assert s["eval_end"]["all"] - s["eval_start"]["all"] >= 0.1
     assert sum(s["eval_end"][k] - s["eval_start"][k] >= 0.05 for k in ("digit", "mcq", "math", "iou")) >= 3
     first, last = s["reward_by_kind_first_last_10pct"]["open"]  # scored by the toy's judge
-    assert last - first >= 0.02  # measured +0.036 (this run: seed 0, two threads); the +0.05 aimed at
-    # is met by seed 0 on one thread (+0.055), not here: the open kind's figure is the noisiest
+    assert last - first >= 0.05  # measured +0.113 (this run: seed 0, two threads)
     seen, blank = mcq_with_and_without_images(plumbing.resolve_checkpoint(out), tmp_path)
     assert seen - blank >= 0.1, (seen, blank)
