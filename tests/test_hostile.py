@@ -55,7 +55,11 @@ runpy.run_path(script, run_name="__main__")
 # ---------------------------------------------------------------------------- the hostile files
 
 def png_bytes():
-    with open(os.path.join(toy.data_path("rl")[1], "rl", "00000.png"), "rb") as f:
+    """A real toy PNG: the RL split's first record's (first) image."""
+    split, root = toy.data_path("rl")
+    with open(split) as f:
+        image = json.loads(f.readline())["image"]
+    with open(os.path.join(root, image if isinstance(image, str) else image[0]), "rb") as f:
         return f.read()
 
 

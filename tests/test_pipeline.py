@@ -177,11 +177,13 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def toy_input(tmp_path, n, name="input.jsonl"):
-    """The first n toy RL records as build input (the reference answer dropped; some extras)."""
+    """The first n toy RL records as build input (the reference answer dropped; some extras), their
+    ids numbered 0..n-1 as the scripted server's index() reads them (the toy's RL ids have gaps)."""
     path, image_root = toy.data_path("rl")
     with open(path) as f:
         records = [json.loads(next(f)) for _ in range(n)]
-    for r in records:
+    for i, r in enumerate(records):
+        r["id"] = f"{r['id'][:-5]}{i:05d}"
         r.pop("answer")
         if r["verifier_type"] == "digit":
             r["extras"] = {"Scene description": f"{len(r['meta']['objects'])} objects on grey."}
