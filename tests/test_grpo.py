@@ -746,7 +746,7 @@ def test_toy_recipe_learns_the_prompts_it_trains_on(tmp_path):
     >= 0.15 and the training reward by >= 0.1 (measured on toy v9, 2 Dec: 0.188 -> 0.64-0.65 and
     +0.28 to +0.38 over seeds 0-3; with --lr 0 --min-lr 0 no change and +0.01; toy v8: 0.349 ->
     0.59-0.71, +0.23 to +0.30).
-    ~60 s. What the default run shows on held-out data needs its 400 steps: test_toy_goal,
+    ~60 s. What the default run shows on held-out data needs its 500 steps: test_toy_goal,
     --runslow."""
     rl, images = toy.data_path("rl")
     records = read_jsonl(rl)
@@ -834,19 +834,20 @@ def test_toy_mcq_answers_are_not_in_the_text_and_the_toy_policy_writes_boxes():
 @pytest.mark.slow
 def test_toy_goal(tmp_path):
     """The toy goal: python grpo.py with no flags learns every kind (README "Toy results", toy v10
-    on one machine: held-out +0.21 to +0.23 on seeds 0-2, each rule-scored kind +0.05 to +0.42; the
-    open kind's training reward, scored by the toy's judge, +0.100 / +0.064 / +0.186 on one thread,
-    +0.113 for this run, seed 0 on two, whose IoU gains +0.048: hence three kinds of four), and its
-    MCQ answers look at the image: blank images lower them (measured after this run, 96 items: 0.60
-    with the images, 0.22 without; the toy policy's 0.09 and 0.00). Not in CI (~5-10 min and the judge's build); CI runs
+    on one machine, 500 steps: held-out +0.24 to +0.26 on seeds 0-2 and this run, each rule-scored
+    kind +0.088 or more - IoU the least, +0.088 to +0.112, +0.099 here; the open kind's training
+    reward, scored by the toy's judge, +0.10 to +0.17, +0.111 here), and its MCQ answers look at the
+    image: blank images lower them (measured after this run, 96 items: 0.47 with the images, 0.22
+    without; the toy policy's 0.09 and 0.00). Not in CI (~5-10 min and the judge's build); CI runs
     test_toy_recipe_learns_the_prompts_it_trains_on instead."""
     out = str(tmp_path / "toy")
     grpo.main(["--output-dir", out, "--quiet", "--save-every", "0"])
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["reward_mean_last_10pct"] - s["reward_mean_first_10pct"] >= 0.1
     assert s["eval_end"]["all"] - s["eval_start"]["all"] >= 0.1
-    assert sum(s["eval_end"][k] - s["eval_start"][k] >= 0.05 for k in ("digit", "mcq", "math", "iou")) >= 3
+    gains = {k: s["eval_end"][k] - s["eval_start"][k] for k in ("digit", "mcq", "math", "iou")}
+    assert all(gain >= 0.05 for gain in gains.values()), gains
     first, last = s["reward_by_kind_first_last_10pct"]["open"]  # scored by the toy's judge
-    assert last - first >= 0.05  # measured +0.113 (this run: seed 0, two threads)
+    assert last - first >= 0.05  # measured +0.111 (this run: seed 0, two threads)
     seen, blank = mcq_with_and_without_images(plumbing.resolve_checkpoint(out), tmp_path)
     assert seen - blank >= 0.1, (seen, blank)
