@@ -308,16 +308,7 @@ def make_records(split, n, seed, image_root):
             while task is None:
                 scenes = [random_scene(rng)]
                 task = make_task(rng, scenes[0], kind)
-        # [ours] RL's open records show 2 or 3 objects: the reference names only the leftmost one,
-        # and the paper's reward pays only for beating it, so on a one-object scene (whose reference
-        # is complete) every answer scored ~0 - a third of the open groups, no signal, and the
-        # kind's mean swung with how many of them a window drew (README "Toy results", v9). Dropped
-        # after every random draw, so the other records and splits stay as they were.
-        dropped = split == "rl" and kind == "open" and len(scenes[0]) == 1
         images = [f"{split}/{i:05d}{'' if j == 0 else f'-{j + 1}'}.png" for j in range(len(scenes))]
-        for image, objects in zip(images, scenes):
-            if not dropped:
-                draw_scene(objects).save(os.path.join(image_root, image))
         record = {"id": f"{SOURCE[kind]}-toy-{split}-{i:05d}",
                   "image": images[0] if len(images) == 1 else images,
                   "question": task.question, "gt": task.gt, "verifier_type": kind,
@@ -328,8 +319,16 @@ def make_records(split, n, seed, image_root):
             rng, teacher_flaws(rng, task, kind) if split == "sft" else task, "concise")
         if split == "sft":
             record["answer_pseudo"] = make_trace(rng, task, "pseudo")
-        if not dropped:
-            records.append(record)
+        # [ours] RL's open records show 2 or 3 objects: the reference names only the leftmost one,
+        # and the paper's reward pays only for beating it, so on a one-object scene (whose reference
+        # is complete) every answer scored ~0 - a third of the open groups, no signal, and the
+        # kind's mean swung with how many of them a window drew (README "Toy results", v9). Dropped
+        # after every random draw, so the other records and splits stay as they were.
+        if split == "rl" and kind == "open" and len(scenes[0]) == 1:
+            continue
+        for image, objects in zip(images, scenes):
+            draw_scene(objects).save(os.path.join(image_root, image))
+        records.append(record)
     return records
 
 
